@@ -1,0 +1,1 @@
+"""Prefect flows: they compose the plain functions of ``tasks`` and add nothing else."""

@@ -1,0 +1,151 @@
+"""``ssl-pipeline``: the command line. Heavy libraries are imported inside commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tasks.config import ConfigError, PipelineConfig, load_config
+
+app = typer.Typer(
+    help="Self-supervised transfer learning: data -> pretraining -> evaluation -> registry.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+console = Console()
+
+ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
+Profile = Annotated[
+    str, typer.Option("--profile", "-p", help="smoke | default | full, or any profile in the file.")
+]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a key, e.g. --set pretrain.epochs=5 (repeatable)."),
+]
+
+TELEMETRY_OFF = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "RAY_USAGE_STATS_ENABLED": "0",
+}
+
+
+def _load(config: Path, profile: str, overrides: list[str] | None) -> PipelineConfig:
+    try:
+        return load_config(config, profile, overrides or [])
+    except ConfigError as e:
+        console.print(f"[red]Invalid configuration:[/red]\n{e}", highlight=False)
+        raise typer.Exit(2) from None
+
+
+def prepare_environment(cfg: PipelineConfig) -> None:
+    """Embedded defaults, set before Prefect is imported; the user's environment wins."""
+    for key, value in TELEMETRY_OFF.items():
+        os.environ.setdefault(key, value)
+    if "PREFECT_API_URL" not in os.environ:
+        home = Path(os.environ.setdefault("PREFECT_HOME", str((cfg.workspace_path / "prefect").resolve())))
+        home.mkdir(parents=True, exist_ok=True)
+        # A busy 2-core machine can miss the ephemeral server's 20 s start-up default.
+        os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+
+
+def results_table(result) -> Table:  # type: ignore[no-untyped-def]
+    rows = result.evaluation.rows
+    table = Table(title="Fashion-MNIST test accuracy (top-1)")
+    for column in ("labels", "kNN", "linear probe", "fine-tune", "supervised (scratch)"):
+        table.add_column(column, justify="right")
+    for fraction in sorted({r.label_fraction for r in rows}):
+        cells = {r.protocol: f"{100 * r.accuracy:.1f}%" for r in rows if r.label_fraction == fraction}
+        n = next(r.num_labels for r in rows if r.label_fraction == fraction)
+        table.add_row(
+            f"{fraction * 100:g}% ({n})",
+            *(cells.get(p, "-") for p in ("knn", "linear", "finetune", "supervised")),
+        )
+    return table
+
+
+@app.command()
+def run(
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+    report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+) -> None:
+    """Run the whole pipeline (Prefect flow) with the embedded defaults."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    start = time.perf_counter()
+    from flows.pipeline import ssl_pipeline
+
+    try:
+        result = ssl_pipeline(cfg)
+    except Exception as e:  # the flow already logged the traceback
+        console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    seconds = time.perf_counter() - start
+    console.print(results_table(result))
+    console.print(
+        f"MLflow run {result.run_id}; registered model '{cfg.tracking.registered_model}' "
+        f"version {result.model_version}; champion is version {result.champion_version}. "
+        f"{seconds:.0f} s."
+    )
+    if report:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(
+            json.dumps(
+                {
+                    "profile": cfg.profile,
+                    "method": cfg.pretrain.method,
+                    "backbone": cfg.model.backbone,
+                    "pretrain_epochs": cfg.pretrain.epochs,
+                    "unlabeled_images": result.data.unlabeled.num_images,
+                    "wall_seconds": round(seconds, 1),
+                    "pretrain_images_per_s": [round(r["images_per_s"]) for r in result.pretrain.history],
+                    "data_sha256": result.data.digests(),
+                    "accuracy": result.evaluation.as_dicts(),
+                    "command": " ".join(["ssl-pipeline", *sys.argv[1:]]),
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+
+
+@app.command()
+def methods() -> None:
+    """List the registered SSL methods and backbones."""
+    from ssl_models import BACKBONES, METHODS
+
+    table = Table(title="Self-supervised methods")
+    table.add_column("method")
+    table.add_column("defaults")
+    for name, cls in sorted(METHODS.items()):
+        table.add_row(name, ", ".join(f"{k}={v}" for k, v in vars(cls.Params()).items()))
+    console.print(table)
+    console.print("Backbones: " + ", ".join(sorted(BACKBONES)))
+
+
+@app.command("config")
+def show_config(
+    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
+) -> None:
+    """Validate and print the resolved configuration."""
+    console.print_json(_load(config, profile, overrides).model_dump_json())
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

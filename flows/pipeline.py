@@ -1,0 +1,72 @@
+"""The ``ssl_pipeline`` flow: data -> pretraining -> evaluation -> MLflow run -> registered model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from tasks import data, evaluate, pretrain, registry, tracking
+from tasks.config import PipelineConfig
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    run_id: str
+    model_version: str
+    champion_version: str
+    evaluation: evaluate.EvaluationOutput
+    data: data.PreparedData
+    pretrain: pretrain.PretrainOutput
+
+
+def _task(fn, name: str):  # type: ignore[no-untyped-def]
+    # Inputs are configs and file references: nothing worth hashing for a cache yet.
+    return task(fn, name=name, cache_policy=NO_CACHE)
+
+
+prepare_data = _task(data.prepare_data, "prepare-data")
+start_run = _task(tracking.start_run, "start-mlflow-run")
+log_pretraining = _task(tracking.log_pretraining, "log-pretraining")
+evaluate_encoder = _task(evaluate.evaluate_encoder, "evaluate")
+log_evaluation = _task(tracking.log_evaluation, "log-evaluation")
+log_classifier = _task(tracking.log_classifier, "log-model")
+register_model = _task(registry.register_model, "register-model")
+alias_champion_if_none = _task(registry.alias_champion_if_none, "alias-champion-if-none")
+end_run = _task(tracking.end_run, "end-mlflow-run")
+
+
+@task(name="pretrain", cache_policy=NO_CACHE)
+def pretrain_encoder(cfg: PipelineConfig, prepared: data.PreparedData) -> pretrain.PretrainOutput:
+    logger = get_run_logger()
+
+    def report(row: dict[str, float]) -> None:
+        logger.info(
+            "epoch %d/%d  loss %.4f  %.0f images/s",
+            row["epoch"],
+            cfg.pretrain.epochs,
+            row["loss"],
+            row["images_per_s"],
+        )
+
+    return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=report)
+
+
+@flow(name="ssl_pipeline", validate_parameters=False)
+def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    prepared = prepare_data(cfg)
+    run_id = start_run(cfg, prepared)
+    try:
+        pretrained = pretrain_encoder(cfg, prepared)
+        log_pretraining(cfg, run_id, pretrained)
+        evaluation = evaluate_encoder(cfg, prepared, pretrained)
+        log_evaluation(cfg, run_id, evaluation)
+        model_uri = log_classifier(cfg, run_id, prepared, evaluation)
+        version = register_model(cfg, model_uri, run_id, tracking.lineage_tags(cfg, prepared))
+        champion = alias_champion_if_none(cfg, version)
+    except BaseException:
+        end_run(cfg, run_id, "FAILED")
+        raise
+    end_run(cfg, run_id)
+    return PipelineResult(run_id, version, champion, evaluation, prepared, pretrained)

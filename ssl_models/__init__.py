@@ -1,0 +1,9 @@
+"""Self-supervised representation learning in plain PyTorch.
+
+No orchestration imports (Prefect, Ray, MLflow, DVC) here: the package is usable alone.
+"""
+
+from ssl_models.backbones import BACKBONES, Encoder, create_backbone
+from ssl_models.methods import METHODS, SSLMethod, create_method
+
+__all__ = ["BACKBONES", "METHODS", "Encoder", "SSLMethod", "create_backbone", "create_method"]

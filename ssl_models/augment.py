@@ -1,0 +1,126 @@
+"""Batched image augmentations that run on tensors, on the training device.
+
+Every random draw comes from an explicit ``torch.Generator`` on the CPU (parameters are a
+few numbers per image), so a batch is augmented identically on CPU and GPU for the same
+seed, and no per-image Python work sits in the hot path.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentParams:
+    """Strengths of the SimCLR-style view pipeline (Chen et al. 2020, appendix A)."""
+
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    flip_p: float = 0.5
+    jitter_p: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    blur_p: float = 0.0
+    blur_sigma: tuple[float, float] = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
+    return low + (high - low) * torch.rand(n, generator=g)
+
+
+def _bernoulli(n: int, p: float, g: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, generator=g) < p
+
+
+def random_resized_crop(
+    x: torch.Tensor,
+    scale: tuple[float, float],
+    ratio: tuple[float, float],
+    flip_p: float,
+    g: torch.Generator,
+    size: int | None = None,
+) -> torch.Tensor:
+    """Crop a random area fraction and aspect ratio per image, flip, resize to ``size``.
+
+    One affine ``grid_sample`` call for the whole batch: crop, flip and resize together.
+    """
+    n = x.shape[0]
+    area = _uniform(n, *scale, g)
+    log_ratio = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g)
+    aspect = torch.exp(log_ratio)
+    width = torch.sqrt(area * aspect).clamp(max=1.0)
+    height = torch.sqrt(area / aspect).clamp(max=1.0)
+    centre_x = (torch.rand(n, generator=g) * 2 - 1) * (1 - width)
+    centre_y = (torch.rand(n, generator=g) * 2 - 1) * (1 - height)
+    flip = torch.where(_bernoulli(n, flip_p, g), -1.0, 1.0)
+    theta = torch.zeros(n, 2, 3)
+    theta[:, 0, 0] = width * flip
+    theta[:, 0, 2] = centre_x
+    theta[:, 1, 1] = height
+    theta[:, 1, 2] = centre_y
+    out_size = size or x.shape[-1]
+    grid = F.affine_grid(
+        theta.to(x.device, x.dtype), [n, x.shape[1], out_size, out_size], align_corners=False
+    )
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+def color_jitter(
+    x: torch.Tensor, brightness: float, contrast: float, p: float, g: torch.Generator
+) -> torch.Tensor:
+    """Scale brightness and contrast by random factors, per image, with probability ``p``."""
+    n = x.shape[0]
+    apply = _bernoulli(n, p, g)
+    b = torch.where(apply, _uniform(n, 1 - brightness, 1 + brightness, g), 1.0)
+    c = torch.where(apply, _uniform(n, 1 - contrast, 1 + contrast, g), 1.0)
+    b, c = (t.to(x.device, x.dtype).view(n, 1, 1, 1) for t in (b, c))
+    x = x * b
+    mean = x.mean(dim=(1, 2, 3), keepdim=True)
+    return ((x - mean) * c + mean).clamp(0, 1)
+
+
+def gaussian_blur(x: torch.Tensor, sigma: tuple[float, float], p: float, g: torch.Generator) -> torch.Tensor:
+    """Separable Gaussian blur with a random sigma per image, applied with probability ``p``."""
+    n, c, h, w = x.shape
+    apply = _bernoulli(n, p, g)
+    sigmas = _uniform(n, *sigma, g)
+    if not apply.any():
+        return x
+    radius = max(1, min(h, w) // 10)
+    offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    kernel = torch.exp(-(offsets[None] ** 2) / (2 * sigmas[:, None] ** 2))
+    kernel = kernel / kernel.sum(dim=1, keepdim=True)
+    identity = (offsets == 0).float().expand(n, -1)
+    kernel = torch.where(apply[:, None], kernel, identity)
+    kernel = kernel.repeat_interleave(c, dim=0).to(x.device, x.dtype)
+    flat = F.pad(x.reshape(1, n * c, h, w), (radius, radius, radius, radius), mode="reflect")
+    flat = F.conv2d(flat, kernel.view(n * c, 1, 1, -1), groups=n * c)
+    flat = F.conv2d(flat, kernel.view(n * c, 1, -1, 1), groups=n * c)
+    return flat.view(n, c, h, w)
+
+
+def solarize(x: torch.Tensor, p: float, g: torch.Generator, threshold: float = 0.5) -> torch.Tensor:
+    """Invert pixels above ``threshold``, per image with probability ``p`` (BYOL, table 6)."""
+    apply = _bernoulli(x.shape[0], p, g).to(x.device).view(-1, 1, 1, 1)
+    return torch.where(apply & (x >= threshold), 1 - x, x)
+
+
+def augment(x: torch.Tensor, params: AugmentParams, g: torch.Generator) -> torch.Tensor:
+    """One random view of each image in a float batch in [0, 1], shape (N, C, H, W)."""
+    x = random_resized_crop(x, params.crop_scale, params.crop_ratio, params.flip_p, g)
+    x = color_jitter(x, params.brightness, params.contrast, params.jitter_p, g)
+    if params.blur_p > 0:
+        x = gaussian_blur(x, params.blur_sigma, params.blur_p, g)
+    if params.solarize_p > 0:
+        x = solarize(x, params.solarize_p, g)
+    return x
+
+
+def to_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, C, H, W) to float in [0, 1]."""
+    return images.float().div_(255)

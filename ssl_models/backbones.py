@@ -1,0 +1,136 @@
+"""Backbones by name: every entry maps an image batch (N, C, H, W) to features (N, D).
+
+Each backbone exposes ``num_features`` so heads can be sized without a dummy forward.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from torchvision.models import ResNet, resnet18, resnet50
+from torchvision.models.vision_transformer import VisionTransformer
+
+
+class SmallCNN(nn.Module):
+    """Four conv blocks (32-64-128-256 channels), fast on a CPU for 28-64 px images."""
+
+    def __init__(self, in_channels: int = 1, widths: tuple[int, ...] = (32, 64, 128, 256)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        channels = in_channels
+        for width in widths:
+            layers += [
+                nn.Conv2d(channels, width, 3, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            ]
+            channels = width
+        self.features = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.num_features = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.features(x)).flatten(1)
+
+
+def num_features(backbone: nn.Module) -> int:
+    """The width of the features a backbone (or an ``Encoder``) returns."""
+    dim = getattr(backbone, "num_features", None)
+    if not isinstance(dim, int):
+        raise TypeError(f"{type(backbone).__name__} has no integer num_features")
+    return dim
+
+
+class _ResNetTrunk(nn.Module):
+    """A torchvision ResNet without its classifier.
+
+    Images of at most 64 px get the CIFAR stem (3x3 conv, stride 1, no max-pool): the
+    ImageNet stem would shrink a 28 px image to 7 px before the first residual block.
+    """
+
+    def __init__(self, net: ResNet, in_channels: int, image_size: int):
+        super().__init__()
+        width = net.conv1.out_channels
+        if image_size <= 64:
+            net.conv1 = nn.Conv2d(in_channels, width, 3, stride=1, padding=1, bias=False)
+            net.maxpool = nn.Identity()
+        elif in_channels != 3:
+            net.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+        self.num_features = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class _ViTTrunk(nn.Module):
+    """torchvision's VisionTransformer returning the class token, for any channel count."""
+
+    def __init__(self, vit: VisionTransformer, in_channels: int):
+        super().__init__()
+        if in_channels != 3:
+            old = vit.conv_proj
+            vit.conv_proj = nn.Conv2d(
+                in_channels,
+                old.out_channels,
+                old.kernel_size,
+                old.stride,  # type: ignore[arg-type]
+            )
+        vit.heads = nn.Identity()
+        self.vit = vit
+        self.num_features = vit.hidden_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.vit(x)
+
+
+def _vit_tiny(in_channels: int, image_size: int) -> nn.Module:
+    patch = 4 if image_size <= 64 else 16
+    if image_size % patch:
+        raise ValueError(f"vit_tiny needs image_size divisible by {patch}, got {image_size}")
+    vit = VisionTransformer(
+        image_size=image_size,
+        patch_size=patch,
+        num_layers=12,
+        num_heads=3,
+        hidden_dim=192,
+        mlp_dim=768,
+    )
+    return _ViTTrunk(vit, in_channels)
+
+
+BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {
+    "small_cnn": lambda in_channels, image_size: SmallCNN(in_channels),
+    "resnet18": lambda in_channels, image_size: _ResNetTrunk(resnet18(), in_channels, image_size),
+    "resnet50": lambda in_channels, image_size: _ResNetTrunk(resnet50(), in_channels, image_size),
+    "vit_tiny": _vit_tiny,
+}
+
+
+def create_backbone(name: str, in_channels: int = 1, image_size: int = 28) -> nn.Module:
+    """Build a randomly initialised backbone; weights are never downloaded."""
+    try:
+        factory = BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
+    return factory(in_channels, image_size)
+
+
+class Encoder(nn.Module):
+    """A backbone behind input normalisation: takes float images in [0, 1]."""
+
+    def __init__(self, backbone: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.backbone = backbone
+        self.num_features = num_features(backbone)
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
+        self.register_buffer("mean", torch.tensor(mean))
+        self.register_buffer("std", torch.tensor(std))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone((x - self.mean) / self.std)

@@ -1,0 +1,174 @@
+"""Image datasets as in-memory uint8 tensors (N, C, H, W): IDX files and image folders."""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+FASHION_MNIST_CLASSES = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+class DataError(ValueError):
+    """A dataset file is missing, corrupt or inconsistent; the message names the file."""
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor | None = None  # int64 (N,)
+    classes: tuple[str, ...] = ()
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+def read_idx(path: str | Path) -> np.ndarray:
+    """Read an IDX file (optionally gzipped) of unsigned bytes, checking its header."""
+    path = Path(path)
+    try:
+        opener = gzip.open if path.suffix == ".gz" else open
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read IDX file ({e})") from e
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise DataError(f"{path}: IDX data type 0x{raw[2]:02x} is not unsigned byte (0x08)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    expected = header + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{path}: IDX header says {shape} ({expected} bytes), file has {len(raw)} bytes")
+    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def load_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageSet:
+    """An IDX image file (N, H, W) and its label file (N,), checked against each other."""
+    images = read_idx(images_path)
+    labels = read_idx(labels_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected images of shape (N, H, W), got {images.shape}")
+    if labels.ndim != 1:
+        raise DataError(f"{labels_path}: expected labels of shape (N,), got {labels.shape}")
+    if len(labels) != len(images):
+        raise DataError(f"{labels_path}: {len(labels)} labels for {len(images)} images in {images_path}")
+    if labels.max(initial=0) >= len(FASHION_MNIST_CLASSES):
+        raise DataError(f"{labels_path}: label {labels.max()} outside 0-9")
+    return ImageSet(
+        images=torch.from_numpy(images.copy()).unsqueeze(1),
+        labels=torch.from_numpy(labels.astype(np.int64)),
+        classes=FASHION_MNIST_CLASSES,
+    )
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for name in (f"{stem}.gz", stem):
+        if (root / name).exists():
+            return root / name
+    raise DataError(f"{root / stem}[.gz]: file not found (apt-get install dataset-fashion-mnist)")
+
+
+def load_fashion_mnist(root: str | Path) -> tuple[ImageSet, ImageSet]:
+    """Fashion-MNIST (train, test) from the four IDX files in ``root``; nothing is downloaded."""
+    root = Path(root)
+    train = load_idx_pair(
+        _idx_file(root, "train-images-idx3-ubyte"), _idx_file(root, "train-labels-idx1-ubyte")
+    )
+    test = load_idx_pair(_idx_file(root, "t10k-images-idx3-ubyte"), _idx_file(root, "t10k-labels-idx1-ubyte"))
+    return train, test
+
+
+def _load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
+    try:
+        with Image.open(path) as file:
+            file.load()
+            img = file.convert("L" if channels == 1 else "RGB")
+        if img.size != (image_size, image_size):
+            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
+        array = np.asarray(img, dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+    return torch.from_numpy(array.copy())
+
+
+def load_image_folder(
+    root: str | Path,
+    labeled: bool,
+    channels: int = 1,
+    image_size: int = 28,
+    skip_corrupt: bool = False,
+) -> ImageSet:
+    """Images from a folder: class sub-folders when ``labeled``, else every image below ``root``.
+
+    A file that does not decode raises ``DataError`` naming it; with ``skip_corrupt`` it is
+    left out and listed in ``ImageSet.skipped`` instead.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    if labeled:
+        classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+        if not classes:
+            raise DataError(f"{root}: a labeled folder needs one sub-folder per class")
+        files = [
+            (p, i)
+            for i, c in enumerate(classes)
+            for p in sorted((root / c).rglob("*"))
+            if p.suffix.lower() in IMAGE_SUFFIXES
+        ]
+    else:
+        classes = ()
+        files = [(p, -1) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
+    if not files:
+        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    images, labels, skipped = [], [], []
+    for path, label in files:
+        try:
+            images.append(_load_image(path, channels, image_size))
+            labels.append(label)
+        except DataError as e:
+            if not skip_corrupt:
+                raise
+            skipped.append((str(path), str(e.__cause__ or e)))
+    if not images:
+        raise DataError(f"{root}: every image failed to decode, e.g. {skipped[0][0]}")
+    return ImageSet(
+        images=torch.stack(images),
+        labels=torch.tensor(labels) if labeled else None,
+        classes=classes,
+        skipped=skipped,
+    )
+
+
+def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """Sorted indices of a seeded, class-stratified ``fraction`` of ``labels`` (>= 1 per class)."""
+    if not 0 < fraction <= 1:
+        raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    g = torch.Generator().manual_seed(seed)
+    chosen = []
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        k = max(1, round(fraction * len(members)))
+        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(chosen).sort().values

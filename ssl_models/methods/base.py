@@ -1,0 +1,50 @@
+"""The interface every self-supervised method implements."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ssl_models.augment import AugmentParams, augment
+
+
+def mlp(in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = False) -> nn.Sequential:
+    """Projector / predictor head: Linear-BN-ReLU-Linear (SimCLR fig. 2, BYOL section 3.3)."""
+    layers: list[nn.Module] = [
+        nn.Linear(in_dim, hidden_dim, bias=False),
+        nn.BatchNorm1d(hidden_dim),
+        nn.ReLU(inplace=True),
+        nn.Linear(hidden_dim, out_dim, bias=not last_bn),
+    ]
+    if last_bn:
+        layers.append(nn.BatchNorm1d(out_dim, affine=False))
+    return nn.Sequential(*layers)
+
+
+class SSLMethod(nn.Module):
+    """A backbone plus whatever heads and targets a method trains it with.
+
+    Subclasses set ``name`` and ``Params`` (a dataclass of the paper's hyper-parameters,
+    defaults from the paper) and implement ``loss``. The training loop only calls
+    ``make_views``, ``loss`` and ``on_step_end``, so a method owns everything else.
+    """
+
+    name: ClassVar[str]
+    Params: ClassVar[type]
+
+    def __init__(self, backbone: nn.Module, params: Any):
+        super().__init__()
+        self.backbone = backbone
+        self.params = params
+
+    def make_views(self, images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
+        """Two independently augmented views of a float batch in [0, 1]."""
+        return [augment(images, aug, g), augment(images, aug, g)]
+
+    def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def on_step_end(self, progress: float) -> None:
+        """Called after each optimiser step with the fraction of training done, in [0, 1]."""

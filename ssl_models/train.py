@@ -1,0 +1,181 @@
+"""The pretraining loop: plain PyTorch, resumable to the exact same weights.
+
+Randomness is keyed by step (data order by epoch, augmentation by step), so a run resumed
+from a checkpoint sees the same batches and views as the uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ssl_models.augment import AugmentParams, to_float
+from ssl_models.methods import SSLMethod
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 256
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    warmup_epochs: float = 1.0
+    seed: int = 0
+    checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
+    channels_last: bool = True
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per epoch
+    resumed_from_step: int = 0
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warmup to 1, then cosine decay to 0 (SGDR, Loshchilov 2017)."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
+    """No weight decay on biases and norm parameters (Goyal et al. 2017, section 5.1)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    groups = [
+        {"params": decay, "weight_decay": settings.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    if settings.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=settings.lr)
+    if settings.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
+    raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose adamw or sgd")
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def _save_atomic(state: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A training checkpoint, loaded without unpickling arbitrary objects."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def pretrain(
+    method: SSLMethod,
+    images: torch.Tensor,
+    aug: AugmentParams,
+    settings: TrainSettings,
+    checkpoint_path: str | Path | None = None,
+    on_epoch_end: Callable[[dict[str, float]], None] | None = None,
+    stop_at_step: int | None = None,
+    device: str | torch.device = "cpu",
+) -> TrainResult:
+    """Train ``method`` on uint8 ``images`` (N, C, H, W); resume from ``checkpoint_path`` if it exists.
+
+    ``stop_at_step`` ends the run early after saving a checkpoint (used to test resuming).
+    """
+    device = torch.device(device)
+    n = images.shape[0]
+    batch_size = min(settings.batch_size, n)
+    steps_per_epoch = n // batch_size
+    total_steps = steps_per_epoch * settings.epochs
+    memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
+    method.to(device).to(memory_format=memory_format)
+    optimizer = build_optimizer(method, settings)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, round(settings.warmup_epochs * steps_per_epoch))
+    )
+    result = TrainResult(steps=0)
+    running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+    checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
+    if checkpoint_path and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        method.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        result.steps = result.resumed_from_step = state["step"]
+        result.history = state["history"]
+        running = state["running"]
+
+    def save() -> None:
+        if checkpoint_path:
+            _save_atomic(
+                {
+                    "model": method.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "rng": torch.get_rng_state(),
+                    "step": result.steps,
+                    "history": result.history,
+                    "running": running,
+                    "settings": asdict(settings),
+                },
+                checkpoint_path,
+            )
+
+    method.train()
+    while result.steps < total_steps:
+        epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
+        order = torch.randperm(n, generator=_step_generator(settings.seed, -1 - epoch))
+        start = time.perf_counter()
+        batch = images[order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]]
+        g = _step_generator(settings.seed, result.steps)
+        x = to_float(batch.to(device, non_blocking=True))
+        views = [v.contiguous(memory_format=memory_format) for v in method.make_views(x, aug, g)]
+        loss = method.loss(views)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at step {result.steps}; lower the lr")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        result.steps += 1
+        method.on_step_end(result.steps / total_steps)
+        running["loss_sum"] += loss.item()
+        running["steps"] += 1
+        running["seconds"] += time.perf_counter() - start
+        end_of_epoch = result.steps % steps_per_epoch == 0
+        if end_of_epoch:
+            row = {
+                "epoch": epoch + 1,
+                "loss": running["loss_sum"] / running["steps"],
+                "lr": optimizer.param_groups[0]["lr"],
+                "images_per_s": running["steps"] * batch_size / running["seconds"],
+            }
+            result.history.append(row)
+            running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+            if on_epoch_end:
+                on_epoch_end(row)
+        every = settings.checkpoint_every_steps
+        if end_of_epoch or (every and result.steps % every == 0) or result.steps == stop_at_step:
+            save()
+        if result.steps == stop_at_step:
+            break
+    method.to(memory_format=torch.contiguous_format)
+    return result

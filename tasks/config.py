@@ -1,0 +1,286 @@
+"""The one typed configuration, read from ``params.yaml``, shared by CLI, flows and DVC stages.
+
+``params.yaml`` holds the default profile at its top level and, under ``profiles:``, the
+keys each other profile changes. ``--set key=value`` overrides apply last. Unknown keys
+and bad values fail before any work starts, with an error naming the key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from ssl_models.augment import AugmentParams
+from ssl_models.backbones import BACKBONES
+from ssl_models.evaluate import LinearProbeSettings
+from ssl_models.methods import METHODS, method_params
+from ssl_models.train import TrainSettings
+
+Fraction = Annotated[float, Field(gt=0, le=1)]
+Probability = Annotated[float, Field(ge=0, le=1)]
+
+
+class ConfigError(ValueError):
+    """A configuration file, profile or override is invalid; the message names the key."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataConfig(_Section):
+    source: Literal["fashion_mnist", "folder"] = "fashion_mnist"
+    fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    unlabeled_dir: str | None = None
+    labeled_dir: str | None = None
+    test_dir: str | None = None
+    unlabeled_limit: Annotated[int, Field(gt=0)] | None = None
+    labeled_limit: Annotated[int, Field(gt=0)] | None = None
+    test_limit: Annotated[int, Field(gt=0)] | None = None
+    channels: Literal[1, 3] = 1
+    image_size: Annotated[int, Field(ge=8, le=1024)] = 28
+    skip_corrupt: bool = False
+
+    @model_validator(mode="after")
+    def _folders_given(self) -> DataConfig:
+        if self.source == "folder":
+            missing = [k for k in ("unlabeled_dir", "labeled_dir", "test_dir") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"source 'folder' needs data.{', data.'.join(missing)}")
+        return self
+
+
+class AugmentConfig(_Section):
+    crop_scale: tuple[Fraction, Fraction] = (0.2, 1.0)
+    crop_ratio: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.75, 4 / 3)
+    flip_p: Probability = 0.5
+    jitter_p: Probability = 0.8
+    brightness: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    contrast: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    blur_p: Probability = 0.0
+    blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
+    solarize_p: Probability = 0.0
+
+    @field_validator("crop_scale", "crop_ratio", "blur_sigma")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] > v[1]:
+            raise ValueError(f"expected (low, high) with low <= high, got {list(v)}")
+        return v
+
+    def params(self) -> AugmentParams:
+        return AugmentParams(**self.model_dump())
+
+
+class ModelConfig(_Section):
+    backbone: str = "small_cnn"
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        if v not in BACKBONES:
+            raise ValueError(f"unknown backbone {v!r}; choose one of {sorted(BACKBONES)}")
+        return v
+
+
+class OptimConfig(_Section):
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    lr: Annotated[float, Field(gt=0, le=10)] = 2e-3
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    batch_size: Annotated[int, Field(gt=0)] = 256
+    channels_last: bool = True
+
+
+class PretrainConfig(OptimConfig):
+    method: str = "simclr"
+    method_params: dict[str, Any] = Field(default_factory=dict)
+    epochs: Annotated[int, Field(gt=0)] = 10
+    warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
+    checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+
+    @field_validator("method")
+    @classmethod
+    def _method_known(cls, v: str) -> str:
+        if v not in METHODS:
+            raise ValueError(f"unknown method {v!r}; choose one of {sorted(METHODS)}")
+        return v
+
+    @model_validator(mode="after")
+    def _method_params_valid(self) -> PretrainConfig:
+        params_type = METHODS[self.method].Params
+        try:
+            method_params(self.method, self.method_params)
+        except ValueError as e:
+            raise ValueError(f"method_params: {e}") from None
+        try:
+            TypeAdapter(params_type).validate_python(self.method_params)
+        except ValidationError as e:
+            err = e.errors()[0]
+            raise ValueError(f"method_params.{err['loc'][-1]}: {err['msg']} (got {err['input']!r})") from None
+        return self
+
+    def settings(self, seed: int) -> TrainSettings:
+        return TrainSettings(
+            epochs=self.epochs,
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            warmup_epochs=self.warmup_epochs,
+            seed=seed,
+            checkpoint_every_steps=self.checkpoint_every_steps,
+            channels_last=self.channels_last,
+        )
+
+
+class LinearProbeConfig(_Section):
+    steps: Annotated[int, Field(gt=0)] = 500
+    lr: Annotated[float, Field(gt=0)] = 1e-2
+    weight_decay: Annotated[float, Field(ge=0)] = 1e-4
+    batch_size: Annotated[int, Field(gt=0)] = 1024
+
+    def settings(self, seed: int) -> LinearProbeSettings:
+        return LinearProbeSettings(seed=seed, **self.model_dump())
+
+
+class FinetuneConfig(OptimConfig):
+    lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
+    steps: Annotated[int, Field(gt=0)] = 300
+    augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0)
+
+    def settings(self, seed: int) -> TrainSettings:
+        return TrainSettings(
+            batch_size=self.batch_size,
+            optimizer=self.optimizer,
+            lr=self.lr,
+            weight_decay=self.weight_decay,
+            seed=seed,
+            channels_last=self.channels_last,
+        )
+
+
+class EvaluateConfig(_Section):
+    label_fractions: list[Fraction] = Field(default=[0.01, 0.1, 1.0], min_length=1)
+    finetune_fractions: list[Fraction] = [0.01, 0.1]
+    primary_protocol: Literal["linear", "finetune"] = "finetune"
+    knn_k: Annotated[int, Field(gt=0)] = 200
+    knn_temperature: Annotated[float, Field(gt=0)] = 0.1
+    linear: LinearProbeConfig = LinearProbeConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+
+    @model_validator(mode="after")
+    def _primary_evaluated(self) -> EvaluateConfig:
+        if self.primary_protocol == "finetune" and not self.finetune_fractions:
+            raise ValueError("primary_protocol 'finetune' needs at least one finetune_fractions entry")
+        return self
+
+
+class TrackingConfig(_Section):
+    tracking_uri: str | None = None  # None: SQLite and local artifacts under the workspace
+    experiment: str = "ssl-pipeline"
+    registered_model: str = "ssl-pipeline-encoder"
+
+
+class PipelineConfig(_Section):
+    profile: str = "default"
+    seed: Annotated[int, Field(ge=0)] = 0
+    workspace: str = "workspace"
+    num_threads: Annotated[int, Field(gt=0)] | None = None
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    augment: AugmentConfig = AugmentConfig()
+    pretrain: PretrainConfig = PretrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    def digest(self, *sections: str) -> str:
+        """A short content hash of the named sections (all when none), for cache keys and tags."""
+        dump = self.model_dump(mode="json", include=set(sections) if sections else None)
+        return hashlib.sha256(json.dumps(dump, sort_keys=True).encode()).hexdigest()[:16]
+
+    @property
+    def workspace_path(self) -> Path:
+        return Path(self.workspace)
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict) and key != "method_params":
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def _apply_override(tree: dict[str, Any], assignment: str) -> None:
+    key, sep, raw = assignment.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. pretrain.epochs=5")
+    node = tree
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a section")
+        node = child
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from e
+
+
+def _format_errors(source: str, error: ValidationError) -> str:
+    lines = []
+    for err in error.errors():
+        key = ".".join(str(part) for part in err["loc"])
+        message = err["msg"].removeprefix("Value error, ")
+        # Model-level validators name the sub-key themselves: "method_params.tau: ...".
+        sub_key, sep, rest = message.partition(": ")
+        if sep and sub_key.replace(".", "").replace("_", "").isalnum() and " " not in sub_key:
+            key, message = f"{key}.{sub_key}" if key else sub_key, rest
+        got = "" if err["type"] == "missing" or isinstance(err["input"], dict) else f" (got {err['input']!r})"
+        lines.append(f"{source}: {key or '(top level)'}: {message}{got}")
+    return "\n".join(lines)
+
+
+def load_config(
+    path: str | Path = "params.yaml",
+    profile: str = "default",
+    overrides: list[str] | tuple[str, ...] = (),
+) -> PipelineConfig:
+    """Read ``path``, apply ``profile`` and ``key=value`` overrides, and validate."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    profiles = raw.pop("profiles", None) or {}
+    if profile != "default" and profile not in profiles:
+        raise ConfigError(f"{path}: unknown profile {profile!r}; known: {['default', *sorted(profiles)]}")
+    tree = _deep_merge(raw, profiles.get(profile) or {})
+    tree["profile"] = profile
+    for assignment in overrides:
+        _apply_override(tree, assignment)
+    source = f"{path} (profile {profile})" if not overrides else f"{path} (profile {profile}, --set)"
+    try:
+        return PipelineConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(source, e)) from None

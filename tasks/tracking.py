@@ -1,0 +1,159 @@
+"""MLflow tracking: one run per pipeline run, with params, metrics, artifacts and the model.
+
+Every call names its run explicitly (``MlflowClient`` and ``run_id``), so nothing depends on
+MLflow's thread-local active run while steps run in Prefect's workers.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from tasks.config import PipelineConfig
+from tasks.data import PreparedData
+from tasks.evaluate import EvaluationOutput, build_classifier
+from tasks.pretrain import PretrainOutput
+
+
+def tracking_uri(cfg: PipelineConfig) -> str:
+    """The configured URI, or SQLite in the workspace (the embedded default)."""
+    if cfg.tracking.tracking_uri:
+        return cfg.tracking.tracking_uri
+    return f"sqlite:///{(cfg.workspace_path / 'mlflow.db').resolve()}"
+
+
+def client_for(cfg: PipelineConfig) -> MlflowClient:
+    uri = tracking_uri(cfg)
+    if not cfg.tracking.tracking_uri:
+        cfg.workspace_path.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return MlflowClient(uri, registry_uri=uri)
+
+
+def _experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    if experiment:
+        return experiment.experiment_id
+    location = None
+    if not cfg.tracking.tracking_uri:
+        location = (cfg.workspace_path / "mlartifacts").resolve().as_uri()
+    return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, name + "."))
+        else:
+            flat[name] = json.dumps(value) if not isinstance(value, str) else value
+    return flat
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def lineage_tags(cfg: PipelineConfig, data: PreparedData) -> dict[str, str]:
+    """The tags that tie a run or model version to its data, code and config."""
+    tags = {f"data.{name}.sha256": digest for name, digest in data.digests().items()}
+    tags.update(
+        {
+            "config.sha256": cfg.digest(),
+            "ssl.method": cfg.pretrain.method,
+            "ssl.backbone": cfg.model.backbone,
+            "pipeline.profile": cfg.profile,
+        }
+    )
+    if commit := git_commit():
+        tags["git.commit"] = commit
+    return tags
+
+
+def start_run(cfg: PipelineConfig, data: PreparedData) -> str:
+    client = client_for(cfg)
+    run = client.create_run(
+        _experiment_id(client, cfg),
+        run_name=f"{cfg.pretrain.method}-{cfg.model.backbone}-{cfg.profile}",
+        tags=lineage_tags(cfg, data),
+    )
+    params = _flatten(cfg.model_dump(mode="json"))
+    params.update(
+        {f"data.{r.name}.num_images": str(r.num_images) for r in (data.unlabeled, data.labeled, data.test)}
+    )
+    client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.json"
+        path.write_text(cfg.model_dump_json(indent=2))
+        client.log_artifact(run.info.run_id, str(path))
+    return run.info.run_id
+
+
+def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> None:
+    client = client_for(cfg)
+    metrics = [
+        Metric(f"pretrain_{key}", float(row[key]), 0, int(row["epoch"]))
+        for row in out.history
+        for key in ("loss", "lr", "images_per_s")
+    ]
+    metrics.append(Metric("pretrain_steps", float(out.steps), 0, 0))
+    client.log_batch(
+        run_id, metrics=metrics, tags=[RunTag("pretrain.resumed_from_step", str(out.resumed_from_step))]
+    )
+
+
+def metric_name(protocol: str, label_fraction: float) -> str:
+    """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
+    return f"{protocol}_top1_{label_fraction * 100:g}pct".replace(".", "_")
+
+
+def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutput) -> None:
+    client = client_for(cfg)
+    client.log_batch(
+        run_id,
+        metrics=[
+            Metric(metric_name(r.protocol, r.label_fraction), r.accuracy, 0, 0) for r in evaluation.rows
+        ],
+    )
+    client.log_artifact(run_id, evaluation.splits_path, "evaluation")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "evaluation.json"
+        path.write_text(json.dumps(evaluation.as_dicts(), indent=2))
+        client.log_artifact(run_id, str(path), "evaluation")
+
+
+def log_classifier(cfg: PipelineConfig, run_id: str, data: PreparedData, evaluation: EvaluationOutput) -> str:
+    """Log encoder + linear head as an MLflow PyTorch model; returns its ``models:/`` URI."""
+    client_for(cfg)
+    model = build_classifier(cfg, data, len(evaluation.classes))
+    model.load_state_dict(torch.load(evaluation.classifier_path, map_location="cpu", weights_only=True))
+    model.eval()
+    size = cfg.data.image_size
+    example = np.zeros((2, cfg.data.channels, size, size), dtype=np.float32)
+    info = mlflow.pytorch.log_model(
+        model,
+        name="classifier",
+        input_example=example,
+        run_id=run_id,
+        metadata={"classes": list(evaluation.classes), "input": "float32 NCHW in [0, 1]"},
+    )
+    return info.model_uri
+
+
+def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:
+    client_for(cfg).set_terminated(run_id, status)

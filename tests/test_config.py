@@ -1,0 +1,75 @@
+from pathlib import Path
+
+import pytest
+
+from tasks.config import ConfigError, load_config
+from tests.conftest import REPO
+
+PARAMS = REPO / "params.yaml"
+
+
+@pytest.mark.parametrize("profile", ["default", "smoke", "full"])
+def test_every_profile_of_params_yaml_is_valid(profile: str) -> None:
+    cfg = load_config(PARAMS, profile)
+    assert cfg.profile == profile
+
+
+def test_profile_changes_only_its_keys() -> None:
+    default, smoke = load_config(PARAMS), load_config(PARAMS, "smoke")
+    assert smoke.pretrain.epochs < default.pretrain.epochs
+    assert smoke.pretrain.lr == default.pretrain.lr
+    assert smoke.evaluate.finetune.lr == default.evaluate.finetune.lr
+
+
+def test_override_sets_nested_key_with_yaml_typing() -> None:
+    cfg = load_config(
+        PARAMS,
+        "smoke",
+        ["pretrain.epochs=7", "augment.crop_scale=[0.3, 0.9]", "pretrain.method_params={temperature: 0.2}"],
+    )
+    assert cfg.pretrain.epochs == 7
+    assert cfg.augment.crop_scale == (0.3, 0.9)
+    assert cfg.pretrain.method_params == {"temperature": 0.2}
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("pretrain.lrr=0.1", "pretrain.lrr"),
+        ("pretrain.lr=-1", "pretrain.lr"),
+        ("pretrain.epochs=ten", "pretrain.epochs"),
+        ("evaluate.label_fractions=[0.01, 1.5]", "evaluate.label_fractions.1"),
+        ("augment.crop_scale=[0.9, 0.2]", "augment.crop_scale"),
+        ("model.backbone=vgg11", "model.backbone"),
+        ("pretrain.method=swav", "pretrain.method"),
+        ("pretrain.method_params={tau: 0.1}", "pretrain.method_params"),
+        ("pretrain.method_params={temperature: warm}", "pretrain.method_params.temperature"),
+        ("data.source=folder", "data"),
+        ("seed.x=1", "--set seed.x"),
+    ],
+)
+def test_bad_value_fails_naming_the_key(override: str, named: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(PARAMS, overrides=[override])
+    assert f"{named}:" in str(info.value)
+
+
+def test_unknown_profile_and_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="unknown profile 'huge'"):
+        load_config(PARAMS, "huge")
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text("pretrain:\n  epocs: 3\n")
+    with pytest.raises(ConfigError, match=r"params.yaml \(profile default\): pretrain.epocs: Extra inputs"):
+        load_config(path)
+
+
+def test_digest_changes_with_the_sections_it_covers() -> None:
+    a = load_config(PARAMS, "smoke")
+    b = load_config(PARAMS, "smoke", ["evaluate.knn_k=5"])
+    assert a.digest("pretrain") == b.digest("pretrain")
+    assert a.digest() != b.digest()

@@ -1,0 +1,50 @@
+import math
+
+import pytest
+import torch
+
+from ssl_models.losses import byol_loss, nt_xent
+
+
+def test_nt_xent_matches_hand_computed_value() -> None:
+    # Unit vectors, tau = 1: the similarities are 1, 0 or -1, so each row's loss is
+    # -sim(positive) + log(sum over the other three of exp(sim)).
+    z1 = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    z2 = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    e = math.e
+    rows = [
+        -1 + math.log(1 + e + 1 / e),  # z1[0]: positive z2[0] (1); others z1[1] (0), z2[1] (-1)
+        0 + math.log(3),  # z1[1]: positive z2[1] (0); others z1[0] (0), z2[0] (0)
+        -1 + math.log(1 + e + 1 / e),  # z2[0]: positive z1[0] (1); others z1[1] (0), z2[1] (-1)
+        0 + math.log(1 + 2 / e),  # z2[1]: positive z1[1] (0); others z1[0] (-1), z2[0] (-1)
+    ]
+    assert nt_xent(z1, z2, temperature=1.0).item() == pytest.approx(sum(rows) / 4, abs=1e-6)
+
+
+def test_nt_xent_temperature_and_scale_invariance() -> None:
+    z1 = torch.tensor([[3.0, 0.0], [0.0, 0.5]])
+    z2 = torch.tensor([[2.0, 0.0], [-4.0, 0.0]])
+    tau = 0.5
+    e2, e_2 = math.exp(2), math.exp(-2)
+    expected = (2 * (-2 + math.log(1 + e2 + e_2)) + math.log(3) + math.log(1 + 2 * e_2)) / 4
+    assert nt_xent(z1, z2, temperature=tau).item() == pytest.approx(expected, abs=1e-6)
+
+
+def test_nt_xent_rejects_mismatched_views() -> None:
+    with pytest.raises(ValueError, match="same shape"):
+        nt_xent(torch.ones(2, 3), torch.ones(3, 3))
+
+
+def test_byol_loss_matches_hand_computed_value() -> None:
+    prediction = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    target = torch.tensor([[0.0, 5.0], [2.0, 2.0]])
+    # cos = 0 -> 2 - 0 = 2; cos = 1 -> 0; mean 1.
+    assert byol_loss(prediction, target).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_byol_loss_sends_no_gradient_to_target() -> None:
+    prediction = torch.randn(4, 8, requires_grad=True)
+    target = torch.randn(4, 8, requires_grad=True)
+    byol_loss(prediction, target).backward()
+    assert prediction.grad is not None and prediction.grad.abs().sum() > 0
+    assert target.grad is None

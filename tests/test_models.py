@@ -1,0 +1,83 @@
+"""Backbones and methods, parametrized over the registries: a new entry is covered by adding it."""
+
+import pytest
+import torch
+
+from ssl_models import BACKBONES, METHODS, Encoder, create_backbone, create_method
+from ssl_models.augment import AugmentParams, to_float
+from ssl_models.train import TrainSettings, pretrain
+
+
+@pytest.mark.parametrize("name", sorted(BACKBONES))
+@pytest.mark.parametrize("channels", [1, 3])
+def test_backbone_maps_images_to_features(name: str, channels: int) -> None:
+    backbone = create_backbone(name, channels, 28).eval()
+    with torch.no_grad():
+        out = backbone(torch.rand(2, channels, 28, 28))
+    assert out.shape == (2, backbone.num_features)
+    assert torch.isfinite(out).all()
+
+
+def test_resnet_gets_small_image_stem_only_for_small_images() -> None:
+    small = create_backbone("resnet18", 1, 28)
+    large = create_backbone("resnet18", 3, 224)
+    assert small.net.conv1.stride == (1, 1) and isinstance(small.net.maxpool, torch.nn.Identity)
+    assert large.net.conv1.stride == (2, 2) and isinstance(large.net.maxpool, torch.nn.MaxPool2d)
+
+
+def test_unknown_backbone_and_method_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown backbone 'vgg'"):
+        create_backbone("vgg")
+    with pytest.raises(ValueError, match="unknown method 'swav'"):
+        create_method("swav", create_backbone("small_cnn"))
+
+
+def small_encoder() -> Encoder:
+    torch.manual_seed(0)
+    return Encoder(create_backbone("small_cnn", 1, 28), 0.5, 0.25)
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_loss_is_finite_and_decreases_on_a_fixed_batch(name: str, images: torch.Tensor) -> None:
+    method = create_method(name, small_encoder(), {"hidden_dim": 128} if name == "byol" else {})
+    optimizer = torch.optim.Adam(method.parameters(), lr=1e-3)
+    x = to_float(images[:32])
+    views = method.make_views(x, AugmentParams(), torch.Generator().manual_seed(0))
+    losses = []
+    for step in range(15):
+        loss = method.loss(views)
+        assert torch.isfinite(loss)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        method.on_step_end((step + 1) / 15)
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_method_checkpoint_round_trip(name: str, images: torch.Tensor, tmp_path) -> None:
+    method = create_method(name, small_encoder())
+    settings = TrainSettings(epochs=1, batch_size=32, seed=1)
+    pretrain(method, images, AugmentParams(), settings, checkpoint_path=tmp_path / "ckpt.pt")
+    restored = create_method(name, small_encoder())
+    state = torch.load(tmp_path / "ckpt.pt", weights_only=True)
+    restored.load_state_dict(state["model"])
+    for (key, a), b in zip(method.state_dict().items(), restored.state_dict().values(), strict=True):
+        assert torch.equal(a, b), key
+
+
+def test_byol_target_follows_online_network_by_ema() -> None:
+    method = create_method("byol", small_encoder(), {"hidden_dim": 64, "momentum_base": 0.9})
+    with torch.no_grad():
+        for p in method.backbone.parameters():
+            p.add_(1.0)
+    before = [p.clone() for p in method.target_backbone.parameters()]
+    method.on_step_end(0.0)  # tau = tau_base = 0.9 at the start of training
+    assert method.momentum == pytest.approx(0.9)
+    for old, new, online in zip(
+        before, method.target_backbone.parameters(), method.backbone.parameters(), strict=True
+    ):
+        torch.testing.assert_close(new, 0.9 * old + 0.1 * online)
+    method.on_step_end(1.0)
+    assert method.momentum == pytest.approx(1.0)

@@ -1,0 +1,103 @@
+"""The whole flow, end to end, as a user runs it: the CLI in a fresh process, real Prefect
+(ephemeral API), real MLflow (SQLite), real Fashion-MNIST (the smoke profile's subset)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+CLI = [sys.executable, "-m", "flows.cli"]
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env["PYTHONPATH"] = str(REPO)
+    env["COLUMNS"] = "200"
+    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_methods_lists_methods_and_backbones() -> None:
+    out = run_cli("methods", timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in ("simclr", "byol", "small_cnn", "resnet18", "resnet50", "vit_tiny"):
+        assert name in out.stdout
+
+
+def test_bad_config_fails_before_any_work_naming_the_key(tmp_path: Path) -> None:
+    out = run_cli(
+        "run",
+        "--profile",
+        "smoke",
+        "--set",
+        f"workspace={tmp_path / 'ws'}",
+        "--set",
+        "pretrain.lr=-0.1",
+        timeout=120,
+    )
+    assert out.returncode == 2
+    assert "pretrain.lr: Input should be greater than 0" in out.stdout
+    assert not (tmp_path / "ws").exists()
+
+
+@pytest.mark.slow
+def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> None:
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    workspace = tmp_path / "ws"
+    report = tmp_path / "report.json"
+    out = run_cli("run", "--profile", "smoke", "--set", f"workspace={workspace}", "--report", str(report))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "supervised (scratch)" in out.stdout and "champion is version 1" in out.stdout
+
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    client = MlflowClient(uri, registry_uri=uri)
+    name = "ssl-pipeline-fashion-mnist"
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert champion.version == "1"
+    run = client.get_run(champion.run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    for key in (
+        "knn_top1_10pct",
+        "linear_top1_10pct",
+        "linear_top1_100pct",
+        "finetune_top1_10pct",
+        "supervised_top1_10pct",
+    ):
+        assert 0.1 < metrics[key] <= 1.0, key
+    history = client.get_metric_history(run.info.run_id, "pretrain_loss")
+    assert [m.step for m in history] == [1, 2]
+    assert run.data.params["pretrain.method"] == "simclr"
+    assert len(run.data.tags["data.unlabeled.sha256"]) == 64
+    assert champion.tags["data.test.sha256"] == run.data.tags["data.test.sha256"]
+
+    result = json.loads(report.read_text())
+    assert {r["protocol"] for r in result["accuracy"]} == {"knn", "linear", "finetune", "supervised"}
+    assert result["data_sha256"]["unlabeled"] == run.data.tags["data.unlabeled.sha256"]
+
+    # The registered model loads and classifies real test images as well as the run measured.
+    import torch
+
+    mlflow.set_tracking_uri(uri)
+    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    test_file = next((workspace / "data").glob("test-*.pt"))
+    test = torch.load(test_file, weights_only=True)
+    with torch.no_grad():
+        predicted = model(test["images"].float() / 255).argmax(1)
+    accuracy = (predicted == test["labels"]).float().mean().item()
+    assert accuracy == pytest.approx(metrics["linear_top1_100pct"], abs=1e-6)
+
+    # Same data and code again: the pretraining checkpoint is reused, champion stays.
+    again = run_cli("run", "--profile", "smoke", "--set", f"workspace={workspace}")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "version 2; champion is version 1" in again.stdout
+    second = client.get_model_version(name, "2")
+    assert client.get_run(second.run_id).data.tags["pretrain.resumed_from_step"] == str(
+        int(client.get_run(champion.run_id).data.metrics["pretrain_steps"])
+    )

@@ -24,7 +24,13 @@ console = Console()
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
 Profile = Annotated[
-    str, typer.Option("--profile", "-p", help="smoke | default | full, or any profile in the file.")
+    str,
+    typer.Option(
+        "--profile",
+        "-p",
+        envvar="SSL_PIPELINE_PROFILE",
+        help="smoke | default | full, or any profile in the file.",
+    ),
 ]
 Overrides = Annotated[
     list[str] | None,
@@ -133,6 +139,21 @@ def methods() -> None:
         table.add_row(name, ", ".join(f"{k}={v}" for k, v in vars(cls.Params()).items()))
     console.print(table)
     console.print("Backbones: " + ", ".join(sorted(BACKBONES)))
+
+
+@app.command()
+def stage(
+    name: Annotated[str, typer.Argument(help="prepare | pretrain | evaluate")],
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Run one step as a DVC stage (dvc.yaml; `dvc repro` runs them in order)."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from flows.stages import run_stage
+
+    console.print(f"{name}: wrote {run_stage(name, cfg)}")
 
 
 @app.command("config")

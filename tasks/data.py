@@ -10,6 +10,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -37,6 +38,16 @@ class PreparedData:
 
     def digests(self) -> dict[str, str]:
         return {ref.name: ref.digest for ref in (self.unlabeled, self.labeled, self.test)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PreparedData:
+        """The inverse of ``dataclasses.asdict`` after a JSON round trip."""
+
+        def ref(r: dict[str, Any]) -> DatasetRef:
+            skipped = tuple((str(f), str(why)) for f, why in r["skipped"])
+            return DatasetRef(**{**r, "classes": tuple(r["classes"]), "skipped": skipped})
+
+        return cls(ref(d["unlabeled"]), ref(d["labeled"]), ref(d["test"]), d["mean"], d["std"])
 
 
 def content_digest(images: ImageSet) -> str:

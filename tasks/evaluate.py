@@ -36,6 +36,11 @@ class EvalRow:
     accuracy: float
 
 
+def metric_name(protocol: str, label_fraction: float) -> str:
+    """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
+    return f"{protocol}_top1_{label_fraction * 100:g}pct".replace(".", "_")
+
+
 @dataclass(frozen=True)
 class EvaluationOutput:
     rows: tuple[EvalRow, ...]
@@ -48,6 +53,9 @@ class EvaluationOutput:
             if row.protocol == protocol and row.label_fraction == label_fraction:
                 return row.accuracy
         return None
+
+    def metrics(self) -> dict[str, float]:
+        return {metric_name(r.protocol, r.label_fraction): r.accuracy for r in self.rows}
 
     def as_dicts(self) -> list[dict[str, float | str | int]]:
         return [asdict(r) for r in self.rows]

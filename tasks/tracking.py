@@ -117,19 +117,9 @@ def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> No
     )
 
 
-def metric_name(protocol: str, label_fraction: float) -> str:
-    """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
-    return f"{protocol}_top1_{label_fraction * 100:g}pct".replace(".", "_")
-
-
 def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutput) -> None:
     client = client_for(cfg)
-    client.log_batch(
-        run_id,
-        metrics=[
-            Metric(metric_name(r.protocol, r.label_fraction), r.accuracy, 0, 0) for r in evaluation.rows
-        ],
-    )
+    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in evaluation.metrics().items()])
     client.log_artifact(run_id, evaluation.splits_path, "evaluation")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.json"

@@ -1,0 +1,49 @@
+"""The pipeline's steps as DVC stages (``dvc.yaml``): the same task functions as the Prefect
+flow, each stage reading the previous one's JSON manifest from ``<workspace>/stages/``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from tasks.config import PipelineConfig
+from tasks.data import PreparedData, prepare_data
+from tasks.evaluate import evaluate_encoder
+from tasks.pretrain import PretrainOutput, pretrain_encoder
+
+STAGES = ("prepare", "pretrain", "evaluate")
+
+
+def manifest_path(cfg: PipelineConfig, stage: str) -> Path:
+    return cfg.workspace_path / "stages" / f"{stage}.json"
+
+
+def _write(path: Path, payload: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def _read(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
+    path = manifest_path(cfg, stage)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: run the '{stage}' stage first (dvc repro runs them in order)")
+    return json.loads(path.read_text())
+
+
+def run_stage(stage: str, cfg: PipelineConfig) -> Path:
+    """Run one stage and write its manifest; returns the manifest's path."""
+    if stage == "prepare":
+        payload: Any = asdict(prepare_data(cfg))
+    elif stage == "pretrain":
+        payload = asdict(pretrain_encoder(cfg, PreparedData.from_dict(_read(cfg, "prepare"))))
+    elif stage == "evaluate":
+        data = PreparedData.from_dict(_read(cfg, "prepare"))
+        evaluation = evaluate_encoder(cfg, data, PretrainOutput(**_read(cfg, "pretrain")))
+        payload = evaluation.metrics()
+    else:
+        raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
+    path = manifest_path(cfg, stage)
+    _write(path, payload)
+    return path

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ssl_models import Encoder, create_backbone, create_method
-from ssl_models.train import load_checkpoint, pretrain
+from ssl_models.train import pretrain
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData, load_dataset
 
@@ -74,6 +74,3 @@ def pretrain_encoder(
         resumed_from_step=result.resumed_from_step,
         history=result.history,
     )
-
-
-__all__ = ["PretrainOutput", "build_encoder", "load_checkpoint", "load_encoder", "pretrain_encoder"]

@@ -100,6 +100,13 @@ def run(
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - start
     console.print(results_table(result))
+    primary = cfg.evaluate.primary_protocol
+    gains = result.evaluation.gains_over_supervised(primary)
+    for fraction, gain in sorted(gains.items()):
+        console.print(
+            f"At {fraction * 100:g}% labels, {primary} from the pretrained encoder is "
+            f"{100 * gain:+.1f} points over supervised from scratch (same labels, augmentations and steps)."
+        )
     console.print(
         f"MLflow run {result.run_id}; registered model '{cfg.tracking.registered_model}' "
         f"version {result.model_version}; champion is version {result.champion_version}. "
@@ -119,6 +126,8 @@ def run(
                     "pretrain_images_per_s": [round(r["images_per_s"]) for r in result.pretrain.history],
                     "data_sha256": result.data.digests(),
                     "accuracy": result.evaluation.as_dicts(),
+                    "primary_protocol": primary,
+                    "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
                     "command": " ".join(["ssl-pipeline", *sys.argv[1:]]),
                 },
                 indent=2,

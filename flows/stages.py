@@ -41,7 +41,7 @@ def run_stage(stage: str, cfg: PipelineConfig) -> Path:
     elif stage == "evaluate":
         data = PreparedData.from_dict(_read(cfg, "prepare"))
         evaluation = evaluate_encoder(cfg, data, PretrainOutput(**_read(cfg, "pretrain")))
-        payload = evaluation.metrics()
+        payload = evaluation.metrics(cfg.evaluate.primary_protocol)
     else:
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
     path = manifest_path(cfg, stage)

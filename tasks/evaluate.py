@@ -36,9 +36,14 @@ class EvalRow:
     accuracy: float
 
 
+def percent(label_fraction: float) -> str:
+    """E.g. ``1pct``, ``0_5pct``: a metric-name-safe label fraction."""
+    return f"{label_fraction * 100:g}pct".replace(".", "_")
+
+
 def metric_name(protocol: str, label_fraction: float) -> str:
     """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
-    return f"{protocol}_top1_{label_fraction * 100:g}pct".replace(".", "_")
+    return f"{protocol}_top1_{percent(label_fraction)}"
 
 
 @dataclass(frozen=True)
@@ -54,8 +59,20 @@ class EvaluationOutput:
                 return row.accuracy
         return None
 
-    def metrics(self) -> dict[str, float]:
-        return {metric_name(r.protocol, r.label_fraction): r.accuracy for r in self.rows}
+    def gains_over_supervised(self, protocol: str) -> dict[float, float]:
+        """Accuracy of ``protocol`` minus supervised-from-scratch, at each fraction that has both."""
+        gains = {}
+        for row in self.rows:
+            baseline = self.accuracy_of("supervised", row.label_fraction)
+            if row.protocol == protocol and baseline is not None:
+                gains[row.label_fraction] = row.accuracy - baseline
+        return gains
+
+    def metrics(self, primary_protocol: str) -> dict[str, float]:
+        metrics = {metric_name(r.protocol, r.label_fraction): r.accuracy for r in self.rows}
+        for fraction, gain in self.gains_over_supervised(primary_protocol).items():
+            metrics[f"gain_{primary_protocol}_vs_supervised_{percent(fraction)}"] = gain
+        return metrics
 
     def as_dicts(self) -> list[dict[str, float | str | int]]:
         return [asdict(r) for r in self.rows]

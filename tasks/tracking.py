@@ -119,7 +119,10 @@ def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> No
 
 def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutput) -> None:
     client = client_for(cfg)
-    client.log_batch(run_id, metrics=[Metric(k, v, 0, 0) for k, v in evaluation.metrics().items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, 0, 0) for k, v in evaluation.metrics(cfg.evaluate.primary_protocol).items()],
+    )
     client.log_artifact(run_id, evaluation.splits_path, "evaluation")
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "evaluation.json"

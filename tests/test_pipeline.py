@@ -71,6 +71,10 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
         "supervised_top1_10pct",
     ):
         assert 0.1 < metrics[key] <= 1.0, key
+    assert metrics["gain_finetune_vs_supervised_10pct"] == pytest.approx(
+        metrics["finetune_top1_10pct"] - metrics["supervised_top1_10pct"]
+    )
+    assert "At 10% labels, finetune from the pretrained encoder is" in out.stdout
     history = client.get_metric_history(run.info.run_id, "pretrain_loss")
     assert [m.step for m in history] == [1, 2]
     assert run.data.params["pretrain.method"] == "simclr"
@@ -80,6 +84,9 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     result = json.loads(report.read_text())
     assert {r["protocol"] for r in result["accuracy"]} == {"knn", "linear", "finetune", "supervised"}
     assert result["data_sha256"]["unlabeled"] == run.data.tags["data.unlabeled.sha256"]
+    assert result["gain_over_supervised"]["0.1"] == pytest.approx(
+        metrics["gain_finetune_vs_supervised_10pct"], abs=1e-4
+    )
 
     # The registered model loads and classifies real test images as well as the run measured.
     import torch

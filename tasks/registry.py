@@ -20,12 +20,12 @@ def register_model(cfg: PipelineConfig, model_uri: str, run_id: str, tags: dict[
     except MlflowException:
         client.create_registered_model(name, description="Encoder + linear head from ssl-pipeline")
     version = client.create_model_version(name, model_uri, run_id=run_id, tags=tags)
-    return version.version
+    return str(version.version)
 
 
 def champion_version(client: MlflowClient, name: str) -> str | None:
     try:
-        return client.get_model_version_by_alias(name, CHAMPION).version
+        return str(client.get_model_version_by_alias(name, CHAMPION).version)
     except MlflowException:
         return None
 

@@ -132,7 +132,10 @@ def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutpu
 
 def log_classifier(cfg: PipelineConfig, run_id: str, data: PreparedData, evaluation: EvaluationOutput) -> str:
     """Log encoder + linear head as an MLflow PyTorch model; returns its ``models:/`` URI."""
-    client_for(cfg)
+    client = client_for(cfg)
+    # MLflow files a logged model under the fluent API's current experiment, not its source
+    # run's (it would land in experiment 0, under ./mlruns): point it at the run's.
+    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
     model = build_classifier(cfg, data, len(evaluation.classes))
     model.load_state_dict(torch.load(evaluation.classifier_path, map_location="cpu", weights_only=True))
     model.eval()

@@ -51,15 +51,29 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
 
     workspace = tmp_path / "ws"
     report = tmp_path / "report.json"
-    out = run_cli("run", "--profile", "smoke", "--set", f"workspace={workspace}", "--report", str(report))
+    params = str(REPO / "params.yaml")
+    out = run_cli(
+        "run",
+        "--config",
+        params,
+        "--profile",
+        "smoke",
+        "--set",
+        f"workspace={workspace}",
+        "--report",
+        str(report),
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stdout + out.stderr
     assert "supervised (scratch)" in out.stdout and "champion is version 1" in out.stdout
 
+    # Everything the run wrote is inside the workspace.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "ws"]
     uri = f"sqlite:///{workspace / 'mlflow.db'}"
     client = MlflowClient(uri, registry_uri=uri)
     name = "ssl-pipeline-fashion-mnist"
     champion = client.get_model_version_by_alias(name, "champion")
-    assert champion.version == "1"
+    assert str(champion.version) == "1"
     run = client.get_run(champion.run_id)
     assert run.info.status == "FINISHED"
     metrics = run.data.metrics
@@ -91,6 +105,8 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     # The registered model loads and classifies real test images as well as the run measured.
     import torch
 
+    model_source = client.get_model_version_download_uri(name, champion.version)
+    assert model_source.startswith((workspace / "mlartifacts").as_uri()), model_source
     mlflow.set_tracking_uri(uri)
     model = mlflow.pytorch.load_model(f"models:/{name}@champion")
     test_file = next((workspace / "data").glob("test-*.pt"))
@@ -101,7 +117,9 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert accuracy == pytest.approx(metrics["linear_top1_100pct"], abs=1e-6)
 
     # Same data and code again: the pretraining checkpoint is reused, champion stays.
-    again = run_cli("run", "--profile", "smoke", "--set", f"workspace={workspace}")
+    again = run_cli(
+        "run", "--config", params, "--profile", "smoke", "--set", f"workspace={workspace}", cwd=tmp_path
+    )
     assert again.returncode == 0, again.stdout + again.stderr
     assert "version 2; champion is version 1" in again.stdout
     second = client.get_model_version(name, "2")

@@ -62,11 +62,20 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_commit() -> str | None:
+    """The commit of the checkout this code runs from (not of the working directory), if any."""
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
 
 
 def lineage_tags(cfg: PipelineConfig, data: PreparedData) -> dict[str, str]:

@@ -93,6 +93,7 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert [m.step for m in history] == [1, 2]
     assert run.data.params["pretrain.method"] == "simclr"
     assert len(run.data.tags["data.unlabeled.sha256"]) == 64
+    assert len(champion.tags["git.commit"]) == 40  # the code's commit, though cwd is no checkout
     assert champion.tags["data.test.sha256"] == run.data.tags["data.test.sha256"]
 
     result = json.loads(report.read_text())

@@ -75,3 +75,24 @@ def test_finetune_fits_a_small_labeled_set() -> None:
 
 def test_accuracy() -> None:
     assert accuracy(torch.tensor([1, 2, 3, 4]), torch.tensor([1, 2, 0, 0])) == pytest.approx(0.5)
+
+
+def test_finetune_and_probe_do_not_depend_on_global_rng_state() -> None:
+    images = torch.randint(0, 255, (16, 1, 28, 28), dtype=torch.uint8)
+    labels = torch.arange(16) % 2
+    settings = TrainSettings(batch_size=8)
+    results = []
+    for global_seed in (1, 2):
+        torch.manual_seed(0)
+        encoder = Encoder(create_backbone("small_cnn"), 0.5, 0.25)
+        torch.manual_seed(global_seed)  # what ran before differs
+        model = finetune(encoder, images, labels, 2, AugmentParams(), settings, steps=2)
+        head = linear_probe(
+            torch.randn(16, 4, generator=torch.Generator().manual_seed(0)),
+            labels,
+            2,
+            LinearProbeSettings(steps=2),
+        )
+        results.append((model[1].weight.detach().clone(), head.weight.detach().clone()))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    torch.testing.assert_close(results[0][1], results[1][1])

@@ -130,3 +130,12 @@ def test_copies_of_the_debian_files_load_unzipped_too(fashion_mnist_dir: Path, t
             shutil.copyfileobj(src, dst)
     data = load_idx_pair(tmp_path / "t10k-images-idx3-ubyte", tmp_path / "t10k-labels-idx1-ubyte")
     assert len(data) == 10000
+
+
+def test_label_splits_are_disjoint_from_the_test_set(fashion_mnist_dir: Path) -> None:
+    train, test = load_fashion_mnist(fashion_mnist_dir)
+    test_images = {image.numpy().tobytes() for image in test.images}
+    for fraction in (0.01, 0.1):
+        idx = stratified_subset(train.labels, fraction, seed=0)
+        assert int(idx.max()) < len(train)
+        assert not any(train.images[i].numpy().tobytes() in test_images for i in idx.tolist())

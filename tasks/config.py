@@ -7,6 +7,7 @@ and bad values fail before any work starts, with an error naming the key.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -103,6 +104,11 @@ class OptimConfig(_Section):
     batch_size: Annotated[int, Field(gt=0)] = 256
     channels_last: bool = True
 
+    def settings(self, seed: int) -> TrainSettings:
+        """The loop's settings: every key this section shares with ``TrainSettings``."""
+        shared = {f.name for f in dataclasses.fields(TrainSettings)}
+        return TrainSettings(seed=seed, **self.model_dump(include=shared))
+
 
 class PretrainConfig(OptimConfig):
     method: str = "simclr"
@@ -132,19 +138,6 @@ class PretrainConfig(OptimConfig):
             raise ValueError(f"method_params.{err['loc'][-1]}: {err['msg']} (got {err['input']!r})") from None
         return self
 
-    def settings(self, seed: int) -> TrainSettings:
-        return TrainSettings(
-            epochs=self.epochs,
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            warmup_epochs=self.warmup_epochs,
-            seed=seed,
-            checkpoint_every_steps=self.checkpoint_every_steps,
-            channels_last=self.channels_last,
-        )
-
 
 class LinearProbeConfig(_Section):
     steps: Annotated[int, Field(gt=0)] = 500
@@ -160,16 +153,6 @@ class FinetuneConfig(OptimConfig):
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
     steps: Annotated[int, Field(gt=0)] = 300
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0)
-
-    def settings(self, seed: int) -> TrainSettings:
-        return TrainSettings(
-            batch_size=self.batch_size,
-            optimizer=self.optimizer,
-            lr=self.lr,
-            weight_decay=self.weight_decay,
-            seed=seed,
-            channels_last=self.channels_last,
-        )
 
 
 class EvaluateConfig(_Section):

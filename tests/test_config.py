@@ -73,3 +73,16 @@ def test_digest_changes_with_the_sections_it_covers() -> None:
     b = load_config(PARAMS, "smoke", ["evaluate.knn_k=5"])
     assert a.digest("pretrain") == b.digest("pretrain")
     assert a.digest() != b.digest()
+
+
+def test_sections_become_the_loop_settings() -> None:
+    cfg = load_config(PARAMS, overrides=["pretrain.epochs=3", "pretrain.warmup_epochs=0.5"])
+    pretrain = cfg.pretrain.settings(seed=7)
+    assert (pretrain.epochs, pretrain.warmup_epochs, pretrain.seed, pretrain.lr) == (
+        3,
+        0.5,
+        7,
+        cfg.pretrain.lr,
+    )
+    finetune = cfg.evaluate.finetune.settings(seed=1)
+    assert (finetune.lr, finetune.batch_size) == (cfg.evaluate.finetune.lr, cfg.evaluate.finetune.batch_size)

@@ -15,7 +15,7 @@ from torch import nn
 
 from ssl_models.augment import AugmentParams, augment, to_float
 from ssl_models.backbones import num_features
-from ssl_models.train import TrainSettings, build_optimizer, warmup_cosine
+from ssl_models.train import TrainSettings, build_optimizer, step_generator, warmup_cosine
 
 
 @torch.no_grad()
@@ -120,7 +120,7 @@ def finetune(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
     batch = min(settings.batch_size, len(images))
     for step in range(steps):
-        g = torch.Generator().manual_seed(settings.seed * 1_000_003 + step)
+        g = step_generator(settings.seed, step)
         idx = torch.randint(len(images), (batch,), generator=g)
         x = augment(to_float(images[idx].to(device)), aug, g).contiguous(memory_format=memory_format)
         loss = F.cross_entropy(model(x), labels[idx].to(device))

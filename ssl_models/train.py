@@ -69,7 +69,8 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose adamw or sgd")
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The random stream of one training step: a function of (seed, step) alone."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
@@ -142,10 +143,10 @@ def pretrain(
     method.train()
     while result.steps < total_steps:
         epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
-        order = torch.randperm(n, generator=_step_generator(settings.seed, -1 - epoch))
+        order = torch.randperm(n, generator=step_generator(settings.seed, -1 - epoch))
         start = time.perf_counter()
         batch = images[order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]]
-        g = _step_generator(settings.seed, result.steps)
+        g = step_generator(settings.seed, result.steps)
         x = to_float(batch.to(device, non_blocking=True))
         views = [v.contiguous(memory_format=memory_format) for v in method.make_views(x, aug, g)]
         loss = method.loss(views)

@@ -28,7 +28,11 @@ class PretrainOutput:
 
 
 def build_encoder(cfg: PipelineConfig, mean: float, std: float) -> Encoder:
-    """A randomly initialised encoder (seeded by ``cfg.seed``) of the configured backbone."""
+    """A randomly initialised encoder of the configured backbone.
+
+    Seeds the global RNG with ``cfg.seed``, so the method's heads built right after it are
+    seeded too.
+    """
     torch.manual_seed(cfg.seed)
     backbone = create_backbone(cfg.model.backbone, cfg.data.channels, cfg.data.image_size)
     return Encoder(backbone, mean, std)

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ssl_models.losses import byol_loss, nt_xent
+from ssl_models.losses import barlow_twins_loss, byol_loss, negative_cosine, nt_xent, vicreg_loss
 
 
 def test_nt_xent_matches_hand_computed_value() -> None:
@@ -48,3 +48,40 @@ def test_byol_loss_sends_no_gradient_to_target() -> None:
     byol_loss(prediction, target).backward()
     assert prediction.grad is not None and prediction.grad.abs().sum() > 0
     assert target.grad is None
+
+
+def test_negative_cosine_matches_hand_computed_value_and_stops_gradient() -> None:
+    prediction = torch.tensor([[1.0, 0.0], [3.0, 4.0]], requires_grad=True)
+    target = torch.tensor([[0.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    loss = negative_cosine(prediction, target)
+    assert loss.item() == pytest.approx(-(0.0 + 1.0) / 2, abs=1e-6)
+    loss.backward()
+    assert target.grad is None
+
+
+# Two columns with zero mean, unit (biased) variance and zero correlation.
+WHITE = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, -1.0], [-1.0, 1.0]])
+
+
+def test_barlow_twins_matches_hand_computed_values() -> None:
+    # Identical views: C = I, so both terms vanish.
+    assert barlow_twins_loss(WHITE, WHITE).item() == pytest.approx(0.0, abs=1e-4)
+    # Opposite views: C = -I, each diagonal term (1 - (-1))^2 = 4, two of them.
+    assert barlow_twins_loss(WHITE, -WHITE).item() == pytest.approx(8.0, abs=1e-3)
+    # Second view with its columns swapped: C = [[0, 1], [1, 0]]: 2 * 1 + lambda * 2 * 1.
+    swapped = WHITE[:, [1, 0]]
+    assert barlow_twins_loss(WHITE, swapped, lambda_offdiag=0.5).item() == pytest.approx(3.0, abs=1e-3)
+
+
+def test_vicreg_matches_hand_computed_values() -> None:
+    # Unbiased std of each column is sqrt(4/3) > 1 (no variance penalty), covariance is 0.
+    assert vicreg_loss(WHITE, WHITE).item() == pytest.approx(0.0, abs=1e-6)
+    # Shifting one view by 1 costs invariance only: 25 * mean((1)^2) = 25.
+    assert vicreg_loss(WHITE, WHITE + 1).item() == pytest.approx(25.0, abs=1e-5)
+    # A collapsed view (all zeros): variance 25 * (1 - sqrt(1e-4)) = 24.75, invariance 25 * 1.
+    collapsed = torch.zeros(4, 2)
+    assert vicreg_loss(WHITE, collapsed).item() == pytest.approx(25.0 + 24.75, abs=1e-4)
+    # Perfectly correlated columns: Cov = [[4/3, 4/3], [4/3, 4/3]], c = 2 * (4/3)^2 / 2 per view.
+    correlated = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
+    expected = 2 * (16 / 9)
+    assert vicreg_loss(correlated, correlated).item() == pytest.approx(expected, abs=1e-5)

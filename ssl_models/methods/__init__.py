@@ -7,11 +7,14 @@ from typing import Any
 
 from torch import nn
 
+from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.base import SSLMethod
 from ssl_models.methods.byol import BYOL
 from ssl_models.methods.simclr import SimCLR
+from ssl_models.methods.simsiam import SimSiam
+from ssl_models.methods.vicreg import VICReg
 
-METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (SimCLR, BYOL)}
+METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (SimCLR, BYOL, SimSiam, BarlowTwins, VICReg)}
 
 
 def method_params(name: str, overrides: dict[str, Any] | None = None) -> Any:

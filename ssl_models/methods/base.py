@@ -10,14 +10,22 @@ from torch import nn
 from ssl_models.augment import AugmentParams, augment
 
 
-def mlp(in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = False) -> nn.Sequential:
-    """Projector / predictor head: Linear-BN-ReLU-Linear (SimCLR fig. 2, BYOL section 3.3)."""
-    layers: list[nn.Module] = [
-        nn.Linear(in_dim, hidden_dim, bias=False),
-        nn.BatchNorm1d(hidden_dim),
-        nn.ReLU(inplace=True),
-        nn.Linear(hidden_dim, out_dim, bias=not last_bn),
-    ]
+def mlp(
+    in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = False, num_layers: int = 2
+) -> nn.Sequential:
+    """Projector / predictor head: (Linear-BN-ReLU) x (num_layers - 1), then Linear.
+
+    Two layers as in SimCLR (fig. 2) and BYOL (section 3.3); three in SimSiam, Barlow Twins and
+    VICReg.
+    """
+    layers: list[nn.Module] = []
+    for i in range(num_layers - 1):
+        layers += [
+            nn.Linear(in_dim if i == 0 else hidden_dim, hidden_dim, bias=False),
+            nn.BatchNorm1d(hidden_dim),
+            nn.ReLU(inplace=True),
+        ]
+    layers.append(nn.Linear(hidden_dim, out_dim, bias=not last_bn))
     if last_bn:
         layers.append(nn.BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)

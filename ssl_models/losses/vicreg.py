@@ -1,0 +1,38 @@
+"""VICReg: variance-invariance-covariance regularisation.
+
+Bardes et al. 2022, "VICReg", eq. (1)-(6): l = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] +
+nu * [c(Z) + c(Z')], with s the mean squared distance, v(Z) = mean_j max(0, gamma - sqrt(Var(z_j) + eps))
+and c(Z) = (1/d) * sum_{i != j} Cov(Z)_ij^2; lambda = mu = 25, nu = 1, gamma = 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _variance(z: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
+    return F.relu(gamma - torch.sqrt(z.var(0) + eps)).mean()
+
+
+def _covariance(z: torch.Tensor) -> torch.Tensor:
+    centred = z - z.mean(0)
+    cov = centred.T @ centred / (z.shape[0] - 1)
+    return (cov.pow(2).sum() - torch.diagonal(cov).pow(2).sum()) / z.shape[1]
+
+
+def vicreg_loss(
+    z1: torch.Tensor,
+    z2: torch.Tensor,
+    invariance: float = 25.0,
+    variance: float = 25.0,
+    covariance: float = 1.0,
+    gamma: float = 1.0,
+    eps: float = 1e-4,
+) -> torch.Tensor:
+    """VICReg loss of two (N, D) embeddings of the same N images."""
+    return (
+        invariance * F.mse_loss(z1, z2)
+        + variance * (_variance(z1, gamma, eps) + _variance(z2, gamma, eps))
+        + covariance * (_covariance(z1) + _covariance(z2))
+    )

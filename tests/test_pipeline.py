@@ -127,3 +127,33 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert client.get_run(second.run_id).data.tags["pretrain.resumed_from_step"] == str(
         int(client.get_run(champion.run_id).data.metrics["pretrain_steps"])
     )
+
+    # A corrupt image in new data stops the run with one sentence naming the file; what the
+    # registry and the workspace already hold is untouched.
+    for split in ("unlabeled", "labeled/a", "labeled/b", "test/a", "test/b"):
+        (tmp_path / "new" / split).mkdir(parents=True)
+    (tmp_path / "new" / "unlabeled" / "scan-0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    data_files = sorted((workspace / "data").iterdir())
+    bad = run_cli(
+        "run",
+        "--config",
+        params,
+        "--profile",
+        "smoke",
+        "--set",
+        f"workspace={workspace}",
+        "--set",
+        "data.source=folder",
+        "--set",
+        f"data.unlabeled_dir={tmp_path / 'new' / 'unlabeled'}",
+        "--set",
+        f"data.labeled_dir={tmp_path / 'new' / 'labeled'}",
+        "--set",
+        f"data.test_dir={tmp_path / 'new' / 'test'}",
+        cwd=tmp_path,
+    )
+    assert bad.returncode == 1
+    assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    assert sorted((workspace / "data").iterdir()) == data_files

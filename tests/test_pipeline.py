@@ -21,6 +21,25 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
     return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def smoke_run(
+    workspace: Path, *overrides: str, report: Path | None = None, timeout: int = 600
+) -> subprocess.CompletedProcess[str]:
+    """``ssl-pipeline run --profile smoke`` in the workspace's parent folder, with ``--set`` overrides."""
+    sets = [arg for key in (f"workspace={workspace}", *overrides) for arg in ("--set", key)]
+    extra = ["--report", str(report)] if report else []
+    return run_cli(
+        "run",
+        "--config",
+        str(REPO / "params.yaml"),
+        "--profile",
+        "smoke",
+        *sets,
+        *extra,
+        cwd=workspace.parent,
+        timeout=timeout,
+    )
+
+
 def test_methods_lists_methods_and_backbones() -> None:
     out = run_cli("methods", timeout=120)
     assert out.returncode == 0, out.stderr
@@ -29,16 +48,7 @@ def test_methods_lists_methods_and_backbones() -> None:
 
 
 def test_bad_config_fails_before_any_work_naming_the_key(tmp_path: Path) -> None:
-    out = run_cli(
-        "run",
-        "--profile",
-        "smoke",
-        "--set",
-        f"workspace={tmp_path / 'ws'}",
-        "--set",
-        "pretrain.lr=-0.1",
-        timeout=120,
-    )
+    out = smoke_run(tmp_path / "ws", "pretrain.lr=-0.1", timeout=120)
     assert out.returncode == 2
     assert "pretrain.lr: Input should be greater than 0" in out.stdout
     assert not (tmp_path / "ws").exists()
@@ -51,19 +61,7 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
 
     workspace = tmp_path / "ws"
     report = tmp_path / "report.json"
-    params = str(REPO / "params.yaml")
-    out = run_cli(
-        "run",
-        "--config",
-        params,
-        "--profile",
-        "smoke",
-        "--set",
-        f"workspace={workspace}",
-        "--report",
-        str(report),
-        cwd=tmp_path,
-    )
+    out = smoke_run(workspace, report=report)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "supervised (scratch)" in out.stdout and "champion is version 1" in out.stdout
 
@@ -118,9 +116,7 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert accuracy == pytest.approx(metrics["linear_top1_100pct"], abs=1e-6)
 
     # Same data and code again: the pretraining checkpoint is reused, champion stays.
-    again = run_cli(
-        "run", "--config", params, "--profile", "smoke", "--set", f"workspace={workspace}", cwd=tmp_path
-    )
+    again = smoke_run(workspace)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "version 2; champion is version 1" in again.stdout
     second = client.get_model_version(name, "2")
@@ -134,23 +130,12 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
         (tmp_path / "new" / split).mkdir(parents=True)
     (tmp_path / "new" / "unlabeled" / "scan-0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     data_files = sorted((workspace / "data").iterdir())
-    bad = run_cli(
-        "run",
-        "--config",
-        params,
-        "--profile",
-        "smoke",
-        "--set",
-        f"workspace={workspace}",
-        "--set",
+    bad = smoke_run(
+        workspace,
         "data.source=folder",
-        "--set",
         f"data.unlabeled_dir={tmp_path / 'new' / 'unlabeled'}",
-        "--set",
         f"data.labeled_dir={tmp_path / 'new' / 'labeled'}",
-        "--set",
         f"data.test_dir={tmp_path / 'new' / 'test'}",
-        cwd=tmp_path,
     )
     assert bad.returncode == 1
     assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout

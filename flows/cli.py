@@ -142,10 +142,14 @@ def methods() -> None:
     from ssl_models import BACKBONES, METHODS
 
     table = Table(title="Self-supervised methods")
-    table.add_column("method")
-    table.add_column("defaults")
+    table.add_column("method", no_wrap=True)
+    table.add_column("backbones", no_wrap=True)
+    table.add_column("defaults (pretrain.method_params)")
     for name, cls in sorted(METHODS.items()):
-        table.add_row(name, ", ".join(f"{k}={v}" for k, v in vars(cls.Params()).items()))
+        defaults = ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in vars(cls.Params()).items()
+        )
+        table.add_row(name, ", ".join(cls.backbones) if cls.backbones else "any", defaults)
     console.print(table)
     console.print("Backbones: " + ", ".join(sorted(BACKBONES)))
 

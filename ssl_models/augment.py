@@ -110,9 +110,11 @@ def solarize(x: torch.Tensor, p: float, g: torch.Generator, threshold: float = 0
     return torch.where(apply & (x >= threshold), 1 - x, x)
 
 
-def augment(x: torch.Tensor, params: AugmentParams, g: torch.Generator) -> torch.Tensor:
-    """One random view of each image in a float batch in [0, 1], shape (N, C, H, W)."""
-    x = random_resized_crop(x, params.crop_scale, params.crop_ratio, params.flip_p, g)
+def augment(
+    x: torch.Tensor, params: AugmentParams, g: torch.Generator, size: int | None = None
+) -> torch.Tensor:
+    """One random view of each image in a float batch in [0, 1], (N, C, H, W), resized to ``size``."""
+    x = random_resized_crop(x, params.crop_scale, params.crop_ratio, params.flip_p, g, size)
     x = color_jitter(x, params.brightness, params.contrast, params.jitter_p, g)
     if params.blur_p > 0:
         x = gaussian_blur(x, params.blur_sigma, params.blur_p, g)

@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision.models import ResNet, resnet18, resnet50
 from torchvision.models.vision_transformer import VisionTransformer
@@ -71,8 +72,14 @@ class _ResNetTrunk(nn.Module):
         return self.net(x)
 
 
-class _ViTTrunk(nn.Module):
-    """torchvision's VisionTransformer returning the class token, for any channel count."""
+class ViTTrunk(nn.Module):
+    """torchvision's VisionTransformer returning the class token, for any channel count.
+
+    Takes any input size divisible by the patch size (DINO's small local crops): the patch
+    position embeddings are interpolated bicubically to the token grid, as in DINO's
+    ``interpolate_pos_encoding``. ``patch_tokens`` and ``encode_tokens`` split the forward
+    pass so MAE can drop the masked tokens in between.
+    """
 
     def __init__(self, vit: VisionTransformer, in_channels: int):
         super().__init__()
@@ -87,31 +94,68 @@ class _ViTTrunk(nn.Module):
         vit.heads = nn.Identity()
         self.vit = vit
         self.num_features = vit.hidden_dim
+        self.patch_size = vit.patch_size
+
+    def _patch_pos_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        pos = self.vit.encoder.pos_embedding[:, 1:]
+        side = self.vit.image_size // self.patch_size
+        if (grid_h, grid_w) == (side, side):
+            return pos
+        grid = pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        grid = F.interpolate(grid, size=(grid_h, grid_w), mode="bicubic", align_corners=False)
+        return grid.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, -1)
+
+    def patch_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Images (N, C, H, W) to patch tokens (N, L, D) with their position embedding added."""
+        if x.shape[-2] % self.patch_size or x.shape[-1] % self.patch_size:
+            raise ValueError(f"image size {tuple(x.shape[-2:])} is not divisible by patch {self.patch_size}")
+        tokens = self.vit.conv_proj(x)
+        grid_h, grid_w = tokens.shape[-2:]
+        return tokens.flatten(2).transpose(1, 2) + self._patch_pos_embedding(grid_h, grid_w)
+
+    def encode_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Patch tokens (N, L, D) to encoded tokens (N, 1 + L, D), the class token first."""
+        encoder = self.vit.encoder
+        cls = self.vit.class_token + encoder.pos_embedding[:, :1]
+        x = torch.cat([cls.expand(tokens.shape[0], -1, -1), tokens], dim=1)
+        return encoder.ln(encoder.layers(encoder.dropout(x)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.vit(x)
+        return self.encode_tokens(self.patch_tokens(x))[:, 0]
 
 
-def _vit_tiny(in_channels: int, image_size: int) -> nn.Module:
-    patch = 4 if image_size <= 64 else 16
-    if image_size % patch:
-        raise ValueError(f"vit_tiny needs image_size divisible by {patch}, got {image_size}")
-    vit = VisionTransformer(
-        image_size=image_size,
-        patch_size=patch,
-        num_layers=12,
-        num_heads=3,
-        hidden_dim=192,
-        mlp_dim=768,
-    )
-    return _ViTTrunk(vit, in_channels)
+def _vit(name: str, hidden_dim: int, num_heads: int) -> Callable[[int, int], nn.Module]:
+    """A 12-layer ViT factory (Touvron et al. 2021 sizes): patch 4 for images <= 64 px, else 16."""
+
+    def factory(in_channels: int, image_size: int) -> nn.Module:
+        patch = 4 if image_size <= 64 else 16
+        if image_size % patch:
+            raise ValueError(f"{name} needs image_size divisible by {patch}, got {image_size}")
+        vit = VisionTransformer(
+            image_size=image_size,
+            patch_size=patch,
+            num_layers=12,
+            num_heads=num_heads,
+            hidden_dim=hidden_dim,
+            mlp_dim=4 * hidden_dim,
+        )
+        return ViTTrunk(vit, in_channels)
+
+    return factory
+
+
+_vit_tiny = _vit("vit_tiny", hidden_dim=192, num_heads=3)
+_vit_small = _vit("vit_small", hidden_dim=384, num_heads=6)
 
 
 BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {
     "small_cnn": lambda in_channels, image_size: SmallCNN(in_channels),
+    # A quarter of small_cnn's parameters: the distillation student.
+    "tiny_cnn": lambda in_channels, image_size: SmallCNN(in_channels, (8, 16, 32, 64)),
     "resnet18": lambda in_channels, image_size: _ResNetTrunk(resnet18(), in_channels, image_size),
     "resnet50": lambda in_channels, image_size: _ResNetTrunk(resnet50(), in_channels, image_size),
     "vit_tiny": _vit_tiny,
+    "vit_small": _vit_small,
 }
 
 

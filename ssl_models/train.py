@@ -74,6 +74,11 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
+def _to_memory_format(view: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
+    # Views that are not image batches (MAE's mask noise, stacks of patches) stay as they are.
+    return view.contiguous(memory_format=memory_format) if view.ndim == 4 else view
+
+
 def _save_atomic(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -148,8 +153,8 @@ def pretrain(
         batch = images[order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]]
         g = step_generator(settings.seed, result.steps)
         x = to_float(batch.to(device, non_blocking=True))
-        views = [v.contiguous(memory_format=memory_format) for v in method.make_views(x, aug, g)]
-        loss = method.loss(views)
+        views = [_to_memory_format(v, memory_format) for v in method.make_views(x, aug, g)]
+        loss = method(views)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {result.steps}; lower the lr")
         optimizer.zero_grad(set_to_none=True)

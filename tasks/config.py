@@ -189,6 +189,16 @@ class PipelineConfig(_Section):
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
 
+    @model_validator(mode="after")
+    def _backbone_suits_method(self) -> PipelineConfig:
+        supported = METHODS[self.pretrain.method].backbones
+        if supported and self.model.backbone not in supported:
+            raise ValueError(
+                f"model.backbone: method {self.pretrain.method!r} needs one of {list(supported)},"
+                f" got {self.model.backbone!r}"
+            )
+        return self
+
     def digest(self, *sections: str) -> str:
         """A short content hash of the named sections (all when none), for cache keys and tags."""
         dump = self.model_dump(mode="json", include=set(sections) if sections else None)

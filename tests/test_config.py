@@ -42,6 +42,7 @@ def test_override_sets_nested_key_with_yaml_typing() -> None:
         ("augment.crop_scale=[0.9, 0.2]", "augment.crop_scale"),
         ("model.backbone=vgg11", "model.backbone"),
         ("pretrain.method=swav", "pretrain.method"),
+        ("pretrain.method=mae", "model.backbone"),
         ("pretrain.method_params={tau: 0.1}", "pretrain.method_params"),
         ("pretrain.method_params={temperature: warm}", "pretrain.method_params.temperature"),
         ("data.source=folder", "data"),

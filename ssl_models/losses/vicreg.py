@@ -3,12 +3,17 @@
 Bardes et al. 2022, "VICReg", eq. (1)-(6): l = lambda * s(Z, Z') + mu * [v(Z) + v(Z')] +
 nu * [c(Z) + c(Z')], with s the mean squared distance, v(Z) = mean_j max(0, gamma - sqrt(Var(z_j) + eps))
 and c(Z) = (1/d) * sum_{i != j} Cov(Z)_ij^2; lambda = mu = 25, nu = 1, gamma = 1.
+
+Under data parallelism the embeddings are gathered with gradient and every rank computes the
+loss of the whole batch, as the authors' code does (``FullGatherLayer``).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from ssl_models.distributed import gather
 
 
 def _variance(z: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
@@ -31,6 +36,7 @@ def vicreg_loss(
     eps: float = 1e-4,
 ) -> torch.Tensor:
     """VICReg loss of two (N, D) embeddings of the same N images."""
+    z1, z2 = gather(z1), gather(z2)
     return (
         invariance * F.mse_loss(z1, z2)
         + variance * (_variance(z1, gamma, eps) + _variance(z2, gamma, eps))

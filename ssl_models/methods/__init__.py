@@ -10,11 +10,18 @@ from torch import nn
 from ssl_models.methods.barlow_twins import BarlowTwins
 from ssl_models.methods.base import SSLMethod
 from ssl_models.methods.byol import BYOL
+from ssl_models.methods.dino import DINO
+from ssl_models.methods.mae import MAE
+from ssl_models.methods.moco import MoCo
+from ssl_models.methods.relative_patch import RelativePatch
+from ssl_models.methods.rotation import Rotation
 from ssl_models.methods.simclr import SimCLR
 from ssl_models.methods.simsiam import SimSiam
 from ssl_models.methods.vicreg import VICReg
 
-METHODS: dict[str, type[SSLMethod]] = {m.name: m for m in (SimCLR, BYOL, SimSiam, BarlowTwins, VICReg)}
+METHODS: dict[str, type[SSLMethod]] = {
+    m.name: m for m in (SimCLR, MoCo, BYOL, SimSiam, BarlowTwins, VICReg, DINO, MAE, Rotation, RelativePatch)
+}
 
 
 def method_params(name: str, overrides: dict[str, Any] | None = None) -> Any:

@@ -36,11 +36,19 @@ class SSLMethod(nn.Module):
 
     Subclasses set ``name`` and ``Params`` (a dataclass of the paper's hyper-parameters,
     defaults from the paper) and implement ``loss``. The training loop only calls
-    ``make_views``, ``loss`` and ``on_step_end``, so a method owns everything else.
+    ``make_views``, the module itself (``forward`` is ``loss``, so ``DistributedDataParallel``
+    can wrap a method) and ``on_step_end``, so a method owns everything else.
+
+    The contract that makes a method correct under data parallelism: ``make_views`` draws
+    all of the step's randomness, and every tensor it returns has the image index as its
+    first dimension, so splitting each view along dim 0 across ranks is the same batch.
+    ``loss`` is then a deterministic function of the views, and gathers across ranks
+    (``ssl_models.distributed``) wherever it needs the whole batch.
     """
 
     name: ClassVar[str]
     Params: ClassVar[type]
+    backbones: ClassVar[tuple[str, ...] | None] = None  # the backbones it supports; None: all
 
     def __init__(self, backbone: nn.Module, params: Any):
         super().__init__()
@@ -53,6 +61,9 @@ class SSLMethod(nn.Module):
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
         raise NotImplementedError
+
+    def forward(self, views: list[torch.Tensor]) -> torch.Tensor:
+        return self.loss(views)
 
     def on_step_end(self, progress: float) -> None:
         """Called after each optimiser step with the fraction of training done, in [0, 1]."""

@@ -1,0 +1,107 @@
+"""Distillation of a fine-tuned teacher into a smaller student on the unlabeled pool.
+
+SimCLRv2 (Chen et al. 2020, "Big Self-Supervised Models are Strong Semi-Supervised Learners"),
+section 2.3, eq. (2): "L^distill = - sum_{x_i in D} [ sum_y P^T(y|x_i; tau) log P^S(y|x_i; tau) ]",
+where "the teacher network, which produces P^T(y|x_i), is fixed during the distillation; only
+the student network, which produces P^S(y|x_i), is trained". With labels, the paper uses
+"a weighted combination" of the two losses; here that is
+``distillation_loss + labeled_weight * cross_entropy`` (``labeled_weight`` = 0: eq. 2 alone).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ssl_models.augment import AugmentParams, augment, to_float
+from ssl_models.backbones import num_features
+from ssl_models.evaluate import _seeded_linear
+from ssl_models.losses import distillation_loss
+from ssl_models.train import TrainSettings, build_optimizer, step_generator, warmup_cosine
+
+
+@dataclass(frozen=True)
+class DistillSettings:
+    temperature: float = 1.0
+    labeled_weight: float = 0.0  # 0: pure distillation on unlabeled images (SimCLRv2, eq. 2)
+    train: TrainSettings = field(default_factory=TrainSettings)
+
+
+def student_classifier(encoder: nn.Module, num_classes: int, seed: int) -> nn.Sequential:
+    """``encoder`` plus a linear head initialised from ``seed``: the shape ``finetune`` returns."""
+    return nn.Sequential(encoder, _seeded_linear(num_features(encoder), num_classes, seed))
+
+
+def distill(
+    teacher: nn.Module,
+    student: nn.Module,
+    unlabeled_images: torch.Tensor,
+    aug: AugmentParams,
+    settings: DistillSettings,
+    steps: int,
+    labeled: tuple[torch.Tensor, torch.Tensor] | None = None,
+    device: str | torch.device = "cpu",
+) -> nn.Module:
+    """Train a copy of the ``student`` classifier on the ``teacher``'s soft labels.
+
+    Each step draws a batch of uint8 ``unlabeled_images``, augments it once, and both networks
+    see that same view; the teacher (moved to ``device``) runs in eval mode without gradient.
+    With ``labeled_weight`` > 0, a batch of ``labeled`` (images, labels) adds its cross entropy.
+    """
+    if settings.labeled_weight > 0 and labeled is None:
+        raise ValueError(f"labeled_weight={settings.labeled_weight} needs labeled=(images, labels)")
+    device = torch.device(device)
+    train = settings.train
+    memory_format = torch.channels_last if train.channels_last else torch.contiguous_format
+    model = copy.deepcopy(student).to(device).to(memory_format=memory_format).train()
+    teacher_was_training = teacher.training
+    teacher.to(device).eval()
+    optimizer = build_optimizer(model, train)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
+    batch = min(train.batch_size, len(unlabeled_images))
+    for step in range(steps):
+        g = step_generator(train.seed, step)
+        idx = torch.randint(len(unlabeled_images), (batch,), generator=g)
+        x = augment(to_float(unlabeled_images[idx].to(device)), aug, g).contiguous(
+            memory_format=memory_format
+        )
+        with torch.no_grad():
+            teacher_logits = teacher(x)
+        loss = distillation_loss(model(x), teacher_logits, settings.temperature)
+        if settings.labeled_weight > 0 and labeled is not None:
+            images, labels = labeled
+            idx = torch.randint(len(images), (min(train.batch_size, len(images)),), generator=g)
+            x = augment(to_float(images[idx].to(device)), aug, g).contiguous(memory_format=memory_format)
+            loss = loss + settings.labeled_weight * F.cross_entropy(model(x), labels[idx].to(device))
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    teacher.train(teacher_was_training)
+    return model.to(memory_format=torch.contiguous_format).eval()
+
+
+def count_parameters(module: nn.Module) -> int:
+    """The number of parameters (buffers such as BatchNorm statistics not included)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+@torch.no_grad()
+def images_per_second(model: nn.Module, images: torch.Tensor, batch_size: int = 1024) -> float:
+    """Inference throughput on uint8 ``images`` in eval mode, after one warm-up batch."""
+    model.eval()
+    device = next(model.parameters()).device
+    model(to_float(images[:batch_size].to(device)))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for i in range(0, len(images), batch_size):
+        model(to_float(images[i : i + batch_size].to(device)))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return len(images) / (time.perf_counter() - start)

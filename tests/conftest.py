@@ -28,3 +28,12 @@ def images() -> torch.Tensor:
     """64 real-looking uint8 images: random blobs, reproducible."""
     g = torch.Generator().manual_seed(0)
     return (torch.rand(64, 1, 28, 28, generator=g) * 255).to(torch.uint8)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real S3 server (SeaweedFS on loopback, free ports) shared by the session's tests."""
+    from tests.s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
+        yield server

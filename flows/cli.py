@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from flows.data_cli import data_app
 from tasks.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
@@ -21,6 +22,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+app.add_typer(data_app, name="data")
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
 Profile = Annotated[

@@ -37,3 +37,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
     with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture
+def isolated_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Keep DVC, git and botocore away from the developer's own configuration and from /var/tmp."""
+    for name in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):
+        monkeypatch.setenv(name, str(tmp_path / "dvc-home" / name.lower()))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")

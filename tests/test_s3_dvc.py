@@ -1,6 +1,5 @@
 """Datasets versioned with DVC on a real S3 server (SeaweedFS on loopback): round trips and an outage."""
 
-import os
 import re
 import shutil
 import subprocess
@@ -17,25 +16,13 @@ from tests.s3_server import SeaweedS3
 
 pytestmark = [
     pytest.mark.slow,
+    pytest.mark.usefixtures("isolated_dvc"),
     # dvc 3.67 still reads pygtrie's deprecated `.value`; nothing this project can change.
     pytest.mark.filterwarnings("ignore:_NoneStep.value:DeprecationWarning"),
 ]
 
 N_IMAGES = 200
 REMOTE = "storage"
-
-
-@pytest.fixture(autouse=True)
-def isolated_dvc(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Keep DVC, git and botocore away from the developer's own configuration and from /var/tmp."""
-    for name in ("DVC_GLOBAL_CONFIG_DIR", "DVC_SYSTEM_CONFIG_DIR", "DVC_SITE_CACHE_DIR"):
-        monkeypatch.setenv(name, str(tmp_path / "dvc-home" / name.lower()))
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    for name in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GIT_CONFIG_GLOBAL", os.devnull)
-    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
 
 
 @pytest.fixture(scope="session")

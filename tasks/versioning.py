@@ -1,0 +1,162 @@
+"""Version dataset folders with DVC: track, push, pull, status, and the history of versions.
+
+A dataset version is the DVC hash of its folder (the md5 of DVC's directory manifest), read
+from the folder's ``.dvc`` file; git history of that file is the list of versions. The
+remote is configured in ``.dvc/config`` (URL and ``endpointurl`` only); credentials come
+from the environment or ``.dvc/config.local`` and are never written by this module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from dvc.exceptions import DvcException
+from dvc.repo import Repo
+
+
+class VersioningError(RuntimeError):
+    """A DVC operation failed; the message names the dataset and the remote."""
+
+
+@dataclass(frozen=True)
+class DatasetVersion:
+    path: str  # the dataset folder, relative to the repository root
+    md5: str  # DVC's hash of the folder: the dataset version
+    files: int
+    size: int  # bytes
+
+    @property
+    def short(self) -> str:
+        return self.md5.removesuffix(".dir")[:12]
+
+
+@contextlib.contextmanager
+def open_repo(root: str | Path) -> Iterator[Repo]:
+    """The DVC repository at ``root``; DVC resolves paths from the working directory, so we enter it."""
+    root = Path(root).resolve()
+    if not (root / ".dvc").is_dir():
+        raise VersioningError(f"{root}: not a DVC repository (ssl-pipeline data init, or dvc init)")
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)  # DVC's "git add ..." hints: the callers say what to commit
+    try:
+        with contextlib.chdir(root), Repo(str(root)) as repo:
+            yield repo
+    finally:
+        dvc_logger.setLevel(level)
+
+
+def init(root: str | Path, remote_url: str, endpoint_url: str | None = None, name: str = "storage") -> None:
+    """``dvc init`` (inside git if ``root`` is a git work tree) and a default remote."""
+    root = Path(root).resolve()
+    if not (root / ".dvc").is_dir():
+        in_git = (root / ".git").exists()
+        Repo.init(str(root), no_scm=not in_git)
+    with open_repo(root) as repo, repo.config.edit() as conf:
+        conf["core"]["remote"] = name
+        conf["remote"][name] = {
+            "url": remote_url,
+            **({"endpointurl": endpoint_url} if endpoint_url else {}),
+        }
+
+
+def _dvc_file(root: Path, path: str | Path) -> Path:
+    return root / f"{Path(path)}.dvc"
+
+
+def _parse(path: str, text: str) -> DatasetVersion:
+    out = yaml.safe_load(text)["outs"][0]
+    return DatasetVersion(
+        path=path, md5=out["md5"], files=int(out.get("nfiles", 0)), size=int(out.get("size", 0))
+    )
+
+
+def current_version(root: str | Path, path: str | Path) -> DatasetVersion | None:
+    """The version recorded in ``path.dvc`` (what was last tracked), or None if never tracked."""
+    dvc_file = _dvc_file(Path(root), path)
+    return _parse(str(path), dvc_file.read_text()) if dvc_file.exists() else None
+
+
+def track(root: str | Path, path: str | Path) -> DatasetVersion:
+    """``dvc add`` the folder; unchanged files are not re-hashed (DVC's state cache)."""
+    with open_repo(root) as repo:
+        try:
+            repo.add(str(path))
+        except DvcException as e:
+            raise VersioningError(f"{path}: dvc add failed ({e})") from e
+    version = current_version(root, path)
+    assert version is not None
+    return version
+
+
+def _remote_name(repo: Repo) -> str:
+    name = repo.config["core"].get("remote")
+    if not name:
+        raise VersioningError("no default DVC remote (ssl-pipeline data init --remote URL)")
+    return str(name)
+
+
+def push(root: str | Path, path: str | Path) -> int:
+    """Upload what the remote lacks of the tracked folder; returns the number of files sent."""
+    with open_repo(root) as repo:
+        remote = _remote_name(repo)
+        try:
+            return int(repo.push(targets=[str(_dvc_file(Path("."), path))]))
+        except Exception as e:  # s3fs hands botocore's connection errors through unwrapped
+            url = repo.config["remote"][remote].get("url")
+            raise VersioningError(f"{path}: push to remote {remote!r} ({url}) failed: {e}") from e
+
+
+def pull(root: str | Path, path: str | Path) -> None:
+    """Download the tracked version of the folder from the remote into the workspace."""
+    with open_repo(root) as repo:
+        remote = _remote_name(repo)
+        try:
+            repo.pull(targets=[str(_dvc_file(Path("."), path))])
+        except Exception as e:
+            url = repo.config["remote"][remote].get("url")
+            raise VersioningError(f"{path}: pull from remote {remote!r} ({url}) failed: {e}") from e
+
+
+def status(root: str | Path, path: str | Path, cloud: bool = False) -> dict[str, Any]:
+    """What changed in the folder since it was tracked (and, with ``cloud``, what the remote lacks).
+
+    Empty when the workspace, the cache (and the remote) agree.
+    """
+    with open_repo(root) as repo:
+        target = str(_dvc_file(Path("."), path))
+        result: dict[str, Any] = dict(repo.status(targets=[target]))
+        if cloud:
+            result.update({f"remote: {k}": v for k, v in repo.status(targets=[target], cloud=True).items()})
+        return result
+
+
+def versions(root: str | Path, path: str | Path) -> list[tuple[str, str, DatasetVersion]]:
+    """(commit, date, version) for every commit that changed ``path.dvc``, newest first."""
+    root = Path(root)
+    dvc_file = f"{Path(path)}.dvc"
+    log = subprocess.run(
+        ["git", "log", "--format=%H %cI", "--", dvc_file],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if log.returncode != 0:
+        raise VersioningError(f"{root}: git log failed ({log.stderr.strip()})")
+    history = []
+    for line in log.stdout.splitlines():
+        commit, date = line.split(" ", 1)
+        shown = subprocess.run(
+            ["git", "show", f"{commit}:{dvc_file}"], cwd=root, capture_output=True, text=True, check=False
+        )
+        if shown.returncode == 0:
+            history.append((commit, date, _parse(str(path), shown.stdout)))
+    return history

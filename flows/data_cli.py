@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -39,9 +38,6 @@ def init(
     """dvc init (if needed) and set the default remote; credentials stay in the environment."""
     from tasks.versioning import init as dvc_init
 
-    if "://" not in remote:
-        # DVC reads a local remote relative to .dvc/, where its config lives.
-        remote = os.path.relpath(Path(remote).resolve(), (root / ".dvc").resolve())
     dvc_init(root, remote, endpoint_url)
     console.print(f"DVC remote: {remote}" + (f" at {endpoint_url}" if endpoint_url else ""))
 

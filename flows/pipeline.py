@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import data, evaluate, pretrain, registry, tracking
+from tasks import data, evaluate, pretrain, registry, tracking, versioning
 from tasks.config import PipelineConfig
 
 
@@ -26,6 +26,8 @@ def _task(fn, name: str):  # type: ignore[no-untyped-def]
     return task(fn, name=name, cache_policy=NO_CACHE)
 
 
+ingest_data = _task(data.ingest_sources, "ingest-data")
+version_data = _task(versioning.version_datasets, "version-data")
 prepare_data = _task(data.prepare_data, "prepare-data")
 start_run = _task(tracking.start_run, "start-mlflow-run")
 log_pretraining = _task(tracking.log_pretraining, "log-pretraining")
@@ -55,7 +57,11 @@ def pretrain_encoder(cfg: PipelineConfig, prepared: data.PreparedData) -> pretra
 
 @flow(name="ssl_pipeline", validate_parameters=False)
 def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    prepared = prepare_data(cfg)
+    versions = None
+    if cfg.data.dvc.enabled:
+        ingest_data(cfg)
+        versions = version_data(cfg)
+    prepared = prepare_data(cfg, versions)
     run_id = start_run(cfg, prepared)
     try:
         pretrained = pretrain_encoder(cfg, prepared)

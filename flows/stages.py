@@ -12,6 +12,7 @@ from tasks.config import PipelineConfig
 from tasks.data import PreparedData, prepare_data
 from tasks.evaluate import evaluate_encoder
 from tasks.pretrain import PretrainOutput, pretrain_encoder
+from tasks.versioning import recorded_versions
 
 STAGES = ("prepare", "pretrain", "evaluate")
 
@@ -35,7 +36,9 @@ def _read(cfg: PipelineConfig, stage: str) -> dict[str, Any]:
 def run_stage(stage: str, cfg: PipelineConfig) -> Path:
     """Run one stage and write its manifest; returns the manifest's path."""
     if stage == "prepare":
-        payload: Any = asdict(prepare_data(cfg))
+        # `dvc repro` holds the repository's lock: read the versions the .dvc files record
+        # (`ssl-pipeline data ingest` or a flow run made them) instead of running DVC again.
+        payload: Any = asdict(prepare_data(cfg, recorded_versions(cfg)))
     elif stage == "pretrain":
         payload = asdict(pretrain_encoder(cfg, PreparedData.from_dict(_read(cfg, "prepare"))))
     elif stage == "evaluate":

@@ -118,19 +118,26 @@ def load_image_folder(
     channels: int = 1,
     image_size: int = 28,
     skip_corrupt: bool = False,
+    classes: tuple[str, ...] | None = None,
 ) -> ImageSet:
     """Images from a folder: class sub-folders when ``labeled``, else every image below ``root``.
 
-    A file that does not decode raises ``DataError`` naming it; with ``skip_corrupt`` it is
-    left out and listed in ``ImageSet.skipped`` instead.
+    ``classes`` fixes the class order (a test set must index classes as its training set
+    does, even if it lacks one); a sub-folder outside it raises ``DataError``. A file that
+    does not decode raises ``DataError`` naming it; with ``skip_corrupt`` it is left out and
+    listed in ``ImageSet.skipped`` instead.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     if labeled:
-        classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-        if not classes:
+        found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
+        if not found:
             raise DataError(f"{root}: a labeled folder needs one sub-folder per class")
+        unknown = sorted(set(found) - set(classes or found))
+        if unknown:
+            raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not one of {list(classes or ())}")
+        classes = classes or found
         files = [
             (p, i)
             for i, c in enumerate(classes)

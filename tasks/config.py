@@ -42,6 +42,17 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class DvcConfig(_Section):
+    """Where the datasets are versioned: <root>/<folder>/{unlabeled,labeled,test}, tracked by DVC."""
+
+    enabled: bool = True
+    root: str = "."  # the git (or plain) folder that holds .dvc/ and the dataset folders
+    folder: str = "data"
+    remote: str | None = None  # None: <workspace>/dvc-remote; or a folder, or s3://bucket/prefix
+    endpoint_url: str | None = None  # an S3-compatible store, e.g. http://127.0.0.1:8333
+    push: bool = True
+
+
 class DataConfig(_Section):
     source: Literal["fashion_mnist", "folder"] = "fashion_mnist"
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
@@ -54,6 +65,7 @@ class DataConfig(_Section):
     channels: Literal[1, 3] = 1
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
     skip_corrupt: bool = False
+    dvc: DvcConfig = DvcConfig()
 
     @model_validator(mode="after")
     def _folders_given(self) -> DataConfig:

@@ -15,11 +15,12 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from tasks.config import PipelineConfig
-from tasks.data import PreparedData
+from tasks.data import DatasetRef, PreparedData
 from tasks.evaluate import EvaluationOutput, build_classifier
 from tasks.pretrain import PretrainOutput
 
@@ -81,6 +82,7 @@ def git_commit() -> str | None:
 def lineage_tags(cfg: PipelineConfig, data: PreparedData) -> dict[str, str]:
     """The tags that tie a run or model version to its data, code and config."""
     tags = {f"data.{name}.sha256": digest for name, digest in data.digests().items()}
+    tags.update({f"data.{r.name}.dvc_md5": r.dvc_md5 for r in data.refs() if r.dvc_md5})
     tags.update(
         {
             "config.sha256": cfg.digest(),
@@ -92,6 +94,18 @@ def lineage_tags(cfg: PipelineConfig, data: PreparedData) -> dict[str, str]:
     if commit := git_commit():
         tags["git.commit"] = commit
     return tags
+
+
+def _dataset_input(cfg: PipelineConfig, ref: DatasetRef) -> DatasetInput:
+    """An MLflow dataset input: the DVC version when the data is DVC-tracked, else the content hash."""
+    if ref.dvc_md5:
+        source_type, source = "dvc", f"{cfg.data.dvc.folder}/{ref.name}@{ref.dvc_md5}"
+    else:
+        source_type, source = "local", ref.path
+    profile = json.dumps({"num_images": ref.num_images, "sha256": ref.digest, "classes": list(ref.classes)})
+    dataset = Dataset(ref.name, ref.dvc_md5 or ref.digest[:32], source_type, source, profile=profile[:4000])
+    context = "training" if ref.name != "test" else "evaluation"
+    return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
 def start_run(cfg: PipelineConfig, data: PreparedData) -> str:
@@ -106,6 +120,7 @@ def start_run(cfg: PipelineConfig, data: PreparedData) -> str:
         {f"data.{r.name}.num_images": str(r.num_images) for r in (data.unlabeled, data.labeled, data.test)}
     )
     client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+    client.log_inputs(run.info.run_id, datasets=[_dataset_input(cfg, ref) for ref in data.refs()])
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "config.json"
         path.write_text(cfg.model_dump_json(indent=2))

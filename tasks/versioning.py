@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ from typing import Any
 import yaml
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
+
+from tasks.config import PipelineConfig
+from tasks.data import dataset_folders
 
 
 class VersioningError(RuntimeError):
@@ -54,17 +58,27 @@ def open_repo(root: str | Path) -> Iterator[Repo]:
 
 
 def init(root: str | Path, remote_url: str, endpoint_url: str | None = None, name: str = "storage") -> None:
-    """``dvc init`` (inside git if ``root`` is a git work tree) and a default remote."""
+    """``dvc init`` (inside git if ``root`` is a git work tree) and the default remote.
+
+    A local remote is written relative to ``.dvc/`` (where DVC resolves it), so the committed
+    config holds no machine path. Nothing is rewritten when the remote is already set.
+    """
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
-        in_git = (root / ".git").exists()
-        Repo.init(str(root), no_scm=not in_git)
-    with open_repo(root) as repo, repo.config.edit() as conf:
-        conf["core"]["remote"] = name
-        conf["remote"][name] = {
-            "url": remote_url,
-            **({"endpointurl": endpoint_url} if endpoint_url else {}),
-        }
+        Repo.init(str(root), no_scm=not (root / ".git").exists())
+    local = "://" not in remote_url
+    if local:  # DVC reads a path relative to the working directory (root) and stores it relative to .dvc/
+        remote_url = os.path.relpath(Path(remote_url).resolve(), root)
+    wanted = {"url": remote_url, **({"endpointurl": endpoint_url} if endpoint_url else {})}
+    with open_repo(root) as repo:
+        current = dict(repo.config["remote"].get(name, {}))
+        if local and "url" in current:  # loaded as an absolute path
+            current["url"] = os.path.relpath(current["url"], root)
+        if repo.config["core"].get("remote") == name and all(current.get(k) == v for k, v in wanted.items()):
+            return
+        with repo.config.edit() as conf:
+            conf["core"]["remote"] = name
+            conf["remote"][name] = {**conf["remote"].get(name, {}), **wanted}
 
 
 def _dvc_file(root: Path, path: str | Path) -> Path:
@@ -160,3 +174,26 @@ def versions(root: str | Path, path: str | Path) -> list[tuple[str, str, Dataset
         if shown.returncode == 0:
             history.append((commit, date, _parse(str(path), shown.stdout)))
     return history
+
+
+def version_datasets(cfg: PipelineConfig) -> dict[str, str]:
+    """Track every dataset folder with DVC (and push it); returns dataset name -> DVC hash."""
+    d = cfg.data.dvc
+    init(d.root, d.remote or str(cfg.workspace_path / "dvc-remote"), d.endpoint_url)
+    versions = {}
+    for name, folder in dataset_folders(cfg).items():
+        versions[name] = track(d.root, folder).md5
+        if d.push:
+            push(d.root, folder)
+    return versions
+
+
+def recorded_versions(cfg: PipelineConfig) -> dict[str, str] | None:
+    """The DVC hashes in the datasets' ``.dvc`` files, without running DVC (so inside ``dvc repro``
+    too); None unless every dataset folder is tracked."""
+    versions = {
+        name: current_version(cfg.data.dvc.root, folder) for name, folder in dataset_folders(cfg).items()
+    }
+    if not cfg.data.dvc.enabled or any(v is None for v in versions.values()):
+        return None
+    return {name: v.md5 for name, v in versions.items() if v is not None}

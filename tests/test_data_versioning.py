@@ -63,6 +63,7 @@ def test_ingest_version_push_and_pull_with_a_local_remote(
     assert code == 0, out
     assert "40 added" in out and "1 quarantined" in out and "truncated.png" in out
     assert "pushed 41 files" in out  # 40 images and the directory manifest
+    assert len([p for p in (tmp_path / "remote").rglob("*") if p.is_file()]) == 41
     git("add", "-A", cwd=repo)
     git("commit", "-qm", "first version", cwd=repo)
     first = tree(repo / "data" / "unlabeled")

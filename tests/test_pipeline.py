@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO
 
@@ -24,8 +25,12 @@ def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.Comp
 def smoke_run(
     workspace: Path, *overrides: str, report: Path | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
-    """``ssl-pipeline run --profile smoke`` in the workspace's parent folder, with ``--set`` overrides."""
-    sets = [arg for key in (f"workspace={workspace}", *overrides) for arg in ("--set", key)]
+    """``ssl-pipeline run --profile smoke`` in the workspace's parent folder, with ``--set`` overrides.
+
+    The datasets' DVC repository is ``<workspace>/dvc-repo`` (by default it is the current folder).
+    """
+    defaults = (f"workspace={workspace}", f"data.dvc.root={workspace / 'dvc-repo'}")
+    sets = [arg for key in (*defaults, *overrides) for arg in ("--set", key)]
     extra = ["--report", str(report)] if report else []
     return run_cli(
         "run",
@@ -95,6 +100,20 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert len(run.data.tags["data.unlabeled.sha256"]) == 64
     assert len(champion.tags["git.commit"]) == 40  # the code's commit, though cwd is no checkout
     assert champion.tags["data.test.sha256"] == run.data.tags["data.test.sha256"]
+
+    # The data step is DVC-backed: the run and the model version name the DVC versions of the
+    # dataset folders, which the local remote holds.
+    dvc_repo = workspace / "dvc-repo"
+    splits = ("unlabeled", "labeled", "test")
+    for split in splits:
+        recorded = yaml.safe_load((dvc_repo / "data" / f"{split}.dvc").read_text())["outs"][0]["md5"]
+        assert run.data.tags[f"data.{split}.dvc_md5"] == champion.tags[f"data.{split}.dvc_md5"] == recorded
+    inputs = {d.dataset.name: d.dataset for d in run.inputs.dataset_inputs}
+    assert {split: d.digest for split, d in inputs.items()} == {
+        split: run.data.tags[f"data.{split}.dvc_md5"] for split in splits
+    }
+    assert inputs["unlabeled"].source_type == "dvc"
+    assert len(list((workspace / "dvc-remote").rglob("*"))) > 512  # the pushed images
 
     result = json.loads(report.read_text())
     assert {r["protocol"] for r in result["accuracy"]} == {"knn", "linear", "finetune", "supervised"}

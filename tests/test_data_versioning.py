@@ -153,3 +153,49 @@ def test_ingest_from_an_s3_prefix_into_an_s3_remote(
     assert tree(repo / "data" / "unlabeled") == stored
     code, out = cli("data", "status", "data/unlabeled", "--root", root)
     assert code == 0 and "up to date" in out, out
+
+
+@pytest.mark.slow
+def test_push_during_an_s3_outage_fails_naming_the_remote_and_loses_nothing(
+    repo: Path, fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.s3_server import SeaweedS3
+
+    with SeaweedS3(tmp_path / "seaweedfs") as server:
+        for name, value in server.env().items():
+            monkeypatch.setenv(name, value)
+        server.client().create_bucket(Bucket="outage")
+        root = str(repo)
+        cli(
+            "data",
+            "init",
+            "--root",
+            root,
+            "--remote",
+            "s3://outage/ssl",
+            "--endpoint-url",
+            server.endpoint_url,
+        )
+        fashion_pngs(fashion_mnist_dir, tmp_path / "src", 0, 25)
+        code, out = cli("data", "ingest", str(tmp_path / "src"), "--no-push", "--root", root)
+        assert code == 0, out
+        stored = tree(repo / "data" / "unlabeled")
+
+        server.stop()
+        code, out = cli("data", "push", "data/unlabeled", "--root", root)
+        assert code == 1
+        assert "push to remote 'storage' (s3://outage/ssl) failed" in out
+        assert "Could not connect to the endpoint URL" in out
+
+        server.start()
+        code, out = cli("data", "status", "data/unlabeled", "--root", root)
+        assert code == 0 and "remote: " in out  # the remote still lacks the version
+        code, out = cli("data", "push", "data/unlabeled", "--root", root)
+        assert code == 0 and "pushed 26 files" in out, out
+        code, out = cli("data", "status", "data/unlabeled", "--root", root)
+        assert code == 0 and "up to date" in out, out
+
+        shutil.rmtree(repo / "data" / "unlabeled")
+        shutil.rmtree(repo / ".dvc" / "cache")
+        assert cli("data", "pull", "data/unlabeled", "--root", root)[0] == 0
+        assert tree(repo / "data" / "unlabeled") == stored

@@ -190,10 +190,11 @@ def version_datasets(cfg: PipelineConfig) -> dict[str, str]:
 
 def recorded_versions(cfg: PipelineConfig) -> dict[str, str] | None:
     """The DVC hashes in the datasets' ``.dvc`` files, without running DVC (so inside ``dvc repro``
-    too); None unless every dataset folder is tracked."""
-    versions = {
-        name: current_version(cfg.data.dvc.root, folder) for name, folder in dataset_folders(cfg).items()
-    }
-    if not cfg.data.dvc.enabled or any(v is None for v in versions.values()):
+    too); None unless every dataset folder is tracked and present."""
+    root = Path(cfg.data.dvc.root)
+    folders = dataset_folders(cfg)
+    versions = {name: current_version(root, folder) for name, folder in folders.items()}
+    present = all((root / folder).is_dir() for folder in folders.values())
+    if not cfg.data.dvc.enabled or not present or any(v is None for v in versions.values()):
         return None
     return {name: v.md5 for name, v in versions.items() if v is not None}

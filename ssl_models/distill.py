@@ -20,7 +20,7 @@ from torch import nn
 
 from ssl_models.augment import AugmentParams, augment, to_float
 from ssl_models.backbones import num_features
-from ssl_models.evaluate import _seeded_linear
+from ssl_models.evaluate import seeded_linear
 from ssl_models.losses import distillation_loss
 from ssl_models.train import TrainSettings, build_optimizer, step_generator, warmup_cosine
 
@@ -34,7 +34,7 @@ class DistillSettings:
 
 def student_classifier(encoder: nn.Module, num_classes: int, seed: int) -> nn.Sequential:
     """``encoder`` plus a linear head initialised from ``seed``: the shape ``finetune`` returns."""
-    return nn.Sequential(encoder, _seeded_linear(num_features(encoder), num_classes, seed))
+    return nn.Sequential(encoder, seeded_linear(num_features(encoder), num_classes, seed))
 
 
 def distill(

@@ -55,7 +55,7 @@ def knn_predict(
     return torch.cat(predictions)
 
 
-def _seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
+def seeded_linear(in_features: int, out_features: int, seed: int) -> nn.Linear:
     """A linear layer initialised from ``seed``, whatever ran before: results do not depend on call order."""
     with torch.random.fork_rng():
         torch.manual_seed(seed)
@@ -81,7 +81,7 @@ def linear_probe(
     mean = train_features.mean(0)
     std = train_features.std(0) + 1e-6 if len(train_features) > 1 else torch.ones_like(mean)
     x = (train_features - mean) / std
-    head = _seeded_linear(x.shape[1], num_classes, settings.seed)
+    head = seeded_linear(x.shape[1], num_classes, settings.seed)
     optimizer = torch.optim.AdamW(head.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.steps, 0))
     g = torch.Generator().manual_seed(settings.seed)
@@ -112,7 +112,7 @@ def finetune(
 ) -> nn.Sequential:
     """Train a copy of ``encoder`` plus a linear head end to end on labeled uint8 ``images``."""
     device = torch.device(device)
-    head = _seeded_linear(num_features(encoder), num_classes, settings.seed)
+    head = seeded_linear(num_features(encoder), num_classes, settings.seed)
     model = nn.Sequential(copy.deepcopy(encoder), head)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     model.to(device).to(memory_format=memory_format).train()

@@ -10,6 +10,7 @@ deviation (section 3, table 1d).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -100,7 +101,7 @@ class MAE(SSLMethod):
 
     def make_views(self, images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
         """One randomly resized, cropped and flipped view (table 1e) and its mask noise (N, L)."""
-        crop_only = AugmentParams(**{**aug.__dict__, "jitter_p": 0.0, "blur_p": 0.0, "solarize_p": 0.0})
+        crop_only = dataclasses.replace(aug, jitter_p=0.0, blur_p=0.0, solarize_p=0.0)
         view = augment(images, crop_only, g)
         p = vit_trunk(self.backbone).patch_size
         num_patches = (view.shape[-2] // p) * (view.shape[-1] // p)

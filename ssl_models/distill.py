@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models.augment import AugmentParams, augment, to_float
+from ssl_models.augment import AugmentParams, to_float
 from ssl_models.backbones import num_features
-from ssl_models.evaluate import seeded_linear
+from ssl_models.evaluate import augmented_batch, seeded_linear
 from ssl_models.losses import distillation_loss
 from ssl_models.train import TrainSettings, build_optimizer, step_generator, warmup_cosine
 
@@ -66,17 +66,15 @@ def distill(
     batch = min(train.batch_size, len(unlabeled_images))
     for step in range(steps):
         g = step_generator(train.seed, step)
-        idx = torch.randint(len(unlabeled_images), (batch,), generator=g)
-        x = augment(to_float(unlabeled_images[idx].to(device)), aug, g).contiguous(
-            memory_format=memory_format
-        )
+        x, _ = augmented_batch(unlabeled_images, batch, aug, g, device, memory_format)
         with torch.no_grad():
             teacher_logits = teacher(x)
         loss = distillation_loss(model(x), teacher_logits, settings.temperature)
         if settings.labeled_weight > 0 and labeled is not None:
             images, labels = labeled
-            idx = torch.randint(len(images), (min(train.batch_size, len(images)),), generator=g)
-            x = augment(to_float(images[idx].to(device)), aug, g).contiguous(memory_format=memory_format)
+            x, idx = augmented_batch(
+                images, min(train.batch_size, len(images)), aug, g, device, memory_format
+            )
             loss = loss + settings.labeled_weight * F.cross_entropy(model(x), labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -100,6 +100,20 @@ def linear_probe(
     return folded
 
 
+def augmented_batch(
+    images: torch.Tensor,
+    batch: int,
+    aug: AugmentParams,
+    g: torch.Generator,
+    device: torch.device,
+    memory_format: torch.memory_format,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random batch of uint8 ``images`` (drawn with ``g``), augmented: (views, indices)."""
+    idx = torch.randint(len(images), (batch,), generator=g)
+    x = augment(to_float(images[idx].to(device)), aug, g).contiguous(memory_format=memory_format)
+    return x, idx
+
+
 def finetune(
     encoder: nn.Module,
     images: torch.Tensor,
@@ -121,8 +135,7 @@ def finetune(
     batch = min(settings.batch_size, len(images))
     for step in range(steps):
         g = step_generator(settings.seed, step)
-        idx = torch.randint(len(images), (batch,), generator=g)
-        x = augment(to_float(images[idx].to(device)), aug, g).contiguous(memory_format=memory_format)
+        x, idx = augmented_batch(images, batch, aug, g, device, memory_format)
         loss = F.cross_entropy(model(x), labels[idx].to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -139,6 +139,43 @@ def run(
 
 
 @app.command()
+def pretrain(
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Version the data and pretrain on Ray (local, or the cluster at RAY_ADDRESS); one MLflow run.
+
+    Run again with the same data and config to resume from the latest checkpoint.
+    """
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from flows.pipeline import ssl_pretraining
+
+    try:
+        result = ssl_pretraining(cfg)
+    except Exception as e:  # the flow already logged the traceback
+        console.print(f"[red]ssl-pipeline pretrain failed:[/red] {type(e).__name__}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    out = result.pretrain
+    table = Table(
+        title=f"Pretraining {cfg.pretrain.method} / {cfg.model.backbone} on {cfg.ray.num_workers} workers"
+    )
+    for column in ("epoch", "loss", "lr", "images/s"):
+        table.add_column(column, justify="right")
+    for row in out.history:
+        table.add_row(
+            str(row["epoch"]), f"{row['loss']:.4f}", f"{row['lr']:.2e}", f"{row['images_per_s']:.0f}"
+        )
+    console.print(table)
+    resumed = f", resumed from step {out.resumed_from_step}" if out.resumed_from_step else ""
+    console.print(
+        f"{out.steps} steps{resumed}. Checkpoint {out.checkpoint_uri}; MLflow run {result.run_id}.",
+        highlight=False,
+    )
+
+
+@app.command()
 def methods() -> None:
     """List the registered SSL methods and backbones."""
     from ssl_models import BACKBONES, METHODS

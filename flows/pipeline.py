@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from prefect import flow, get_run_logger, task
+from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks import data, evaluate, pretrain, registry, tracking, versioning
@@ -40,31 +40,49 @@ end_run = _task(tracking.end_run, "end-mlflow-run")
 
 
 @task(name="pretrain", cache_policy=NO_CACHE)
-def pretrain_encoder(cfg: PipelineConfig, prepared: data.PreparedData) -> pretrain.PretrainOutput:
-    logger = get_run_logger()
-
-    def report(row: dict[str, float]) -> None:
-        logger.info(
-            "epoch %d/%d  loss %.4f  %.0f images/s",
-            row["epoch"],
-            cfg.pretrain.epochs,
-            row["loss"],
-            row["images_per_s"],
-        )
-
-    return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=report)
+def pretrain_encoder(
+    cfg: PipelineConfig, prepared: data.PreparedData, run_id: str
+) -> pretrain.PretrainOutput:
+    """Ray Train workers pretrain; the rank-0 worker logs each epoch to the pipeline's MLflow run."""
+    return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=tracking.epoch_logger(cfg, run_id))
 
 
-@flow(name="ssl_pipeline", validate_parameters=False)
-def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
+@dataclass(frozen=True)
+class PretrainingResult:
+    run_id: str
+    data: data.PreparedData
+    pretrain: pretrain.PretrainOutput
+
+
+def _versioned_data(cfg: PipelineConfig) -> data.PreparedData:
     versions = None
     if cfg.data.dvc.enabled:
         ingest_data(cfg)
         versions = version_data(cfg)
-    prepared = prepare_data(cfg, versions)
+    return prepare_data(cfg, versions)
+
+
+@flow(name="ssl_pretraining", validate_parameters=False)
+def ssl_pretraining(cfg: PipelineConfig) -> PretrainingResult:
+    """Data -> Ray pretraining, tracked as one MLflow run: what a cluster job runs."""
+    prepared = _versioned_data(cfg)
     run_id = start_run(cfg, prepared)
     try:
-        pretrained = pretrain_encoder(cfg, prepared)
+        pretrained = pretrain_encoder(cfg, prepared, run_id)
+        log_pretraining(cfg, run_id, pretrained)
+    except BaseException:
+        end_run(cfg, run_id, "FAILED")
+        raise
+    end_run(cfg, run_id)
+    return PretrainingResult(run_id, prepared, pretrained)
+
+
+@flow(name="ssl_pipeline", validate_parameters=False)
+def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    prepared = _versioned_data(cfg)
+    run_id = start_run(cfg, prepared)
+    try:
+        pretrained = pretrain_encoder(cfg, prepared, run_id)
         log_pretraining(cfg, run_id, pretrained)
         evaluation = evaluate_encoder(cfg, prepared, pretrained)
         log_evaluation(cfg, run_id, evaluation)

@@ -11,13 +11,17 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ssl_models.augment import AugmentParams, to_float
+from ssl_models.distributed import all_reduce_sum, convert_sync_batchnorm, world_size
+from ssl_models.distributed import rank as get_rank
 from ssl_models.methods import SSLMethod
 
 
@@ -52,6 +56,11 @@ def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]
         return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def total_steps(num_images: int, settings: TrainSettings) -> int:
+    """Optimiser steps of a whole run: full batches only, ``settings.epochs`` passes."""
+    return num_images // min(settings.batch_size, num_images) * settings.epochs
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
@@ -100,38 +109,65 @@ def pretrain(
     on_epoch_end: Callable[[dict[str, float]], None] | None = None,
     stop_at_step: int | None = None,
     device: str | torch.device = "cpu",
+    resume_from: dict[str, Any] | None = None,
+    on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``method`` on uint8 ``images`` (N, C, H, W); resume from ``checkpoint_path`` if it exists.
+    """Train ``method`` on uint8 ``images`` (N, C, H, W); resume from a checkpoint if given.
+
+    The checkpoint is a file (``checkpoint_path``: loaded if it exists, written atomically)
+    or, for a caller that stores checkpoints itself, a state (``resume_from``) and a
+    callback (``on_checkpoint``) that receives every state to save.
+
+    Data parallel when ``torch.distributed`` is initialised: every rank holds all the
+    images, draws the same global batch of ``settings.batch_size`` images and its views,
+    and trains on its 1/world share under ``DistributedDataParallel`` with BatchNorm
+    synchronised across ranks, which is the single-process step on the global batch. The
+    history (loss, images/s) is of the global batch.
 
     ``stop_at_step`` ends the run early after saving a checkpoint (used to test resuming).
     """
     device = torch.device(device)
+    world, rank = world_size(), get_rank()
     n = images.shape[0]
     batch_size = min(settings.batch_size, n)
+    if batch_size % world:
+        raise ValueError(
+            f"batch_size {batch_size} is not divisible by the {world} workers; make it a multiple of {world}"
+        )
     steps_per_epoch = n // batch_size
-    total_steps = steps_per_epoch * settings.epochs
+    total = total_steps(n, settings)
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     method.to(device).to(memory_format=memory_format)
+    model: nn.Module = method
+    if world > 1:
+        convert_sync_batchnorm(method)  # in place: a method is never itself a BatchNorm
+        model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = build_optimizer(method, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, round(settings.warmup_epochs * steps_per_epoch))
+        optimizer, warmup_cosine(total, round(settings.warmup_epochs * steps_per_epoch))
     )
     result = TrainResult(steps=0)
     running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
-    if checkpoint_path and checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
-        method.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        torch.set_rng_state(state["rng"])
-        result.steps = result.resumed_from_step = state["step"]
-        result.history = state["history"]
-        running = state["running"]
+    if checkpoint_path:
+        if checkpoint_path.exists():
+            resume_from = load_checkpoint(checkpoint_path)
+        on_checkpoint = partial(_save_atomic, path=checkpoint_path)
+    if resume_from is not None:
+        method.load_state_dict(resume_from["model"])
+        optimizer.load_state_dict(resume_from["optimizer"])
+        scheduler.load_state_dict(resume_from["scheduler"])
+        torch.set_rng_state(resume_from["rng"])
+        result.steps = result.resumed_from_step = resume_from["step"]
+        result.history = resume_from["history"]
+        running = resume_from["running"]
 
     def save() -> None:
-        if checkpoint_path:
-            _save_atomic(
+        # Called on every rank (a collective): the saved partial loss is the ranks' mean, so
+        # a resumed epoch still reports the global batch's loss.
+        partial_loss = all_reduce_sum(torch.tensor(running["loss_sum"], dtype=torch.float64)).item() / world
+        if on_checkpoint:
+            on_checkpoint(
                 {
                     "model": method.state_dict(),
                     "optimizer": optimizer.state_dict(),
@@ -139,22 +175,23 @@ def pretrain(
                     "rng": torch.get_rng_state(),
                     "step": result.steps,
                     "history": result.history,
-                    "running": running,
+                    "running": {**running, "loss_sum": partial_loss},
                     "settings": asdict(settings),
-                },
-                checkpoint_path,
+                }
             )
 
-    method.train()
-    while result.steps < total_steps:
+    model.train()
+    while result.steps < total:
         epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
         order = torch.randperm(n, generator=step_generator(settings.seed, -1 - epoch))
         start = time.perf_counter()
         batch = images[order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]]
         g = step_generator(settings.seed, result.steps)
         x = to_float(batch.to(device, non_blocking=True))
-        views = [_to_memory_format(v, memory_format) for v in method.make_views(x, aug, g)]
-        loss = method(views)
+        views = method.make_views(x, aug, g)
+        if world > 1:
+            views = [v.chunk(world)[rank] for v in views]
+        loss = model([_to_memory_format(v, memory_format) for v in views])
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss is {loss.item()} at step {result.steps}; lower the lr")
         optimizer.zero_grad(set_to_none=True)
@@ -162,15 +199,17 @@ def pretrain(
         optimizer.step()
         scheduler.step()
         result.steps += 1
-        method.on_step_end(result.steps / total_steps)
+        method.on_step_end(result.steps / total)
         running["loss_sum"] += loss.item()
         running["steps"] += 1
         running["seconds"] += time.perf_counter() - start
         end_of_epoch = result.steps % steps_per_epoch == 0
         if end_of_epoch:
+            # The global batch's loss: the mean of the ranks' losses (each the loss of its rows).
+            loss_sum = all_reduce_sum(torch.tensor(running["loss_sum"], dtype=torch.float64)).item() / world
             row = {
                 "epoch": epoch + 1,
-                "loss": running["loss_sum"] / running["steps"],
+                "loss": loss_sum / running["steps"],
                 "lr": optimizer.param_groups[0]["lr"],
                 "images_per_s": running["steps"] * batch_size / running["seconds"],
             }

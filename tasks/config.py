@@ -184,9 +184,31 @@ class EvaluateConfig(_Section):
 
 
 class TrackingConfig(_Section):
-    tracking_uri: str | None = None  # None: SQLite and local artifacts under the workspace
+    tracking_uri: str | None = (
+        None  # None: MLFLOW_TRACKING_URI if set, else SQLite + artifacts in the workspace
+    )
     experiment: str = "ssl-pipeline"
     registered_model: str = "ssl-pipeline-encoder"
+
+
+class RayConfig(_Section):
+    """Where pretraining runs: Ray Train workers, and where their checkpoints go."""
+
+    address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
+    num_workers: Annotated[int, Field(gt=0)] = 2
+    use_gpu: bool = False
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    storage_path: str | None = None  # None: <workspace>/ray; or a folder, or s3://bucket/prefix
+    storage_endpoint_url: str | None = None  # an S3-compatible store, e.g. http://127.0.0.1:8333
+    max_failures: Annotated[int, Field(ge=-1)] = 2  # worker-group restarts; -1: no limit
+    keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_scheme(cls, v: str | None) -> str | None:
+        if v and "://" in v and not v.startswith("s3://"):
+            raise ValueError(f"use a folder or s3://bucket/prefix, got {v!r}")
+        return v
 
 
 class PipelineConfig(_Section):
@@ -200,6 +222,7 @@ class PipelineConfig(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _backbone_suits_method(self) -> PipelineConfig:

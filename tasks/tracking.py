@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import subprocess
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,11 @@ from tasks.pretrain import PretrainOutput
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
-    """The configured URI, or SQLite in the workspace (the embedded default)."""
+    """The configured URI, or SQLite in the workspace (the embedded default).
+
+    Not ``MLFLOW_TRACKING_URI``: ``mlflow.set_tracking_uri`` sets that variable in-process,
+    so a second configuration would silently inherit the first one's store.
+    """
     if cfg.tracking.tracking_uri:
         return cfg.tracking.tracking_uri
     return f"sqlite:///{(cfg.workspace_path / 'mlflow.db').resolve()}"
@@ -34,7 +40,7 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 def client_for(cfg: PipelineConfig) -> MlflowClient:
     uri = tracking_uri(cfg)
-    if not cfg.tracking.tracking_uri:
+    if uri.startswith("sqlite:"):
         cfg.workspace_path.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
@@ -46,7 +52,7 @@ def _experiment_id(client: MlflowClient, cfg: PipelineConfig) -> str:
     if experiment:
         return experiment.experiment_id
     location = None
-    if not cfg.tracking.tracking_uri:
+    if tracking_uri(cfg).startswith("sqlite:"):
         location = (cfg.workspace_path / "mlartifacts").resolve().as_uri()
     return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
 
@@ -128,17 +134,58 @@ def start_run(cfg: PipelineConfig, data: PreparedData) -> str:
     return run.info.run_id
 
 
+@dataclass(frozen=True)
+class EpochLogger:
+    """Logs pretraining epochs to one MLflow run from wherever training runs.
+
+    Picklable (a URI and a run id), so Ray's rank-0 worker calls it: one run per
+    pretraining, not one per worker. An epoch already in the run (logged before a worker
+    died and recomputed, identically, after the restart) is not logged twice.
+    """
+
+    uri: str
+    run_id: str
+
+    def __call__(self, row: dict[str, float]) -> None:
+        client = MlflowClient(self.uri)
+        epoch = int(row["epoch"])
+        if any(m.step == epoch for m in client.get_metric_history(self.run_id, "pretrain_loss")):
+            return
+        now = int(time.time() * 1000)
+        client.log_batch(
+            self.run_id,
+            metrics=[
+                Metric(f"pretrain_{key}", float(row[key]), now, epoch)
+                for key in ("loss", "lr", "images_per_s")
+            ],
+        )
+
+
+def epoch_logger(cfg: PipelineConfig, run_id: str) -> EpochLogger:
+    client_for(cfg)
+    return EpochLogger(tracking_uri(cfg), run_id)
+
+
 def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> None:
+    """The pretraining's outcome: steps, where it resumed from, and its final checkpoint.
+
+    Epochs missing from the run (a pretraining that had finished before this run, so no
+    worker logged them) are logged here.
+    """
+    logger = epoch_logger(cfg, run_id)
+    for row in out.history:
+        logger(row)
     client = client_for(cfg)
-    metrics = [
-        Metric(f"pretrain_{key}", float(row[key]), 0, int(row["epoch"]))
-        for row in out.history
-        for key in ("loss", "lr", "images_per_s")
-    ]
-    metrics.append(Metric("pretrain_steps", float(out.steps), 0, 0))
     client.log_batch(
-        run_id, metrics=metrics, tags=[RunTag("pretrain.resumed_from_step", str(out.resumed_from_step))]
+        run_id,
+        metrics=[Metric("pretrain_steps", float(out.steps), 0, 0)],
+        tags=[
+            RunTag("pretrain.resumed_from_step", str(out.resumed_from_step)),
+            RunTag("pretrain.ray_run", out.run_name),
+            RunTag("pretrain.checkpoint_uri", out.checkpoint_uri),
+        ],
     )
+    client.log_artifact(run_id, out.checkpoint_path, "pretrain")
 
 
 def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutput) -> None:

@@ -1,3 +1,4 @@
+import logging
 import os
 from pathlib import Path
 
@@ -37,6 +38,16 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
     with SeaweedS3(tmp_path_factory.mktemp("seaweedfs")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster() -> str:
+    """A local Ray instance shared by the session's tests (``tasks.pretrain`` joins it); its address."""
+    import ray
+
+    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    yield ray.get_runtime_context().gcs_address
+    ray.shutdown()
 
 
 @pytest.fixture

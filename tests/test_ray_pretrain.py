@@ -1,0 +1,253 @@
+"""Pretraining on Ray Train, with real workers on this machine and real Fashion-MNIST.
+
+Two gloo workers must train exactly what one process trains on the same global batch; a
+worker killed mid-run is restarted from the latest checkpoint (locally and in S3 on
+SeaweedFS); a driver stopped mid-run is resumed by running the same command again; and
+there is one MLflow run per pretraining, each epoch logged once.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ssl_models import create_method
+from ssl_models.train import pretrain
+from tasks import tracking
+from tasks.config import PipelineConfig, load_config
+from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.pretrain import (
+    CHECKPOINT_FILE,
+    build_encoder,
+    checkpoint_step,
+    latest_checkpoint,
+    pretrain_encoder,
+    run_name,
+)
+from tests.conftest import REPO
+
+
+def config(workspace: Path, *overrides: str) -> PipelineConfig:
+    """The smoke profile, 256 images in batches of 64: 4 steps an epoch."""
+    return load_config(
+        REPO / "params.yaml",
+        "smoke",
+        [
+            f"workspace={workspace}",
+            "data.dvc.enabled=false",
+            "data.unlabeled_limit=256",
+            "pretrain.batch_size=64",
+            *overrides,
+        ],
+    )
+
+
+def single_process_history(cfg: PipelineConfig, data: PreparedData) -> list[dict[str, float]]:
+    method = create_method(
+        cfg.pretrain.method, build_encoder(cfg, data.mean, data.std), cfg.pretrain.method_params
+    )
+    images = load_dataset(data.unlabeled).images
+    return pretrain(method, images, cfg.augment.params(), cfg.pretrain.settings(cfg.seed)).history
+
+
+def assert_same_losses(history: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
+    """Equal up to float32 rounding in another order (DDP's bucketed all-reduce, one thread per
+    worker), which AdamW's early steps amplify to ~1e-4; a wrong batch, gather or BatchNorm
+    moves the loss by whole percents. ``tests/test_distributed.py`` checks the step exactly in
+    float64."""
+    assert [row["epoch"] for row in history] == [row["epoch"] for row in expected]
+    for row, want in zip(history, expected, strict=True):
+        assert row["loss"] == pytest.approx(want["loss"], rel=1e-3), row["epoch"]
+        assert row["lr"] == pytest.approx(want["lr"], rel=1e-6)
+
+
+def only_run(cfg: PipelineConfig) -> tuple[MlflowClient, str]:
+    client = tracking.client_for(cfg)
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1, [r.info.run_id for r in runs]
+    return client, runs[0].info.run_id
+
+
+def assert_each_epoch_logged_once(client: MlflowClient, run_id: str, history: list[dict[str, float]]) -> None:
+    for key in ("loss", "lr", "images_per_s"):
+        logged = client.get_metric_history(run_id, f"pretrain_{key}")
+        assert sorted(m.step for m in logged) == [row["epoch"] for row in history], key
+    losses = {m.step: m.value for m in client.get_metric_history(run_id, "pretrain_loss")}
+    assert losses == pytest.approx({row["epoch"]: row["loss"] for row in history})
+
+
+def train_worker_processes() -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter(["cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if cmdline.startswith("ray::RayTrainWorker"):
+            found.append(process)
+    return found
+
+
+class KillAWorkerAfterACheckpoint(threading.Thread):
+    """Kills one Ray Train worker (SIGKILL) as soon as Ray has registered a checkpoint of the run."""
+
+    def __init__(self, cfg: PipelineConfig, data: PreparedData):
+        super().__init__(daemon=True)
+        self.cfg, self.name = cfg, run_name(cfg, data)
+        self.killed_after_step: int | None = None
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.is_set():
+            checkpoint = latest_checkpoint(self.cfg, self.name)
+            workers = train_worker_processes()
+            if checkpoint and workers:
+                self.killed_after_step = checkpoint_step(checkpoint)
+                workers[-1].kill()
+                return
+            time.sleep(0.05)
+
+
+def test_two_workers_train_what_one_process_trains_and_log_one_mlflow_run(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path / "ws", "ray.num_workers=2")
+    data = prepare_data(cfg)
+    run_id = tracking.start_run(cfg, data)
+    out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
+
+    assert out.steps == 8 and out.resumed_from_step == 0
+    assert_same_losses(out.history, single_process_history(cfg, data))
+    client, only = only_run(cfg)
+    assert only == run_id
+    assert_each_epoch_logged_once(client, run_id, out.history)
+
+    state = torch.load(out.checkpoint_path, weights_only=True)
+    assert {"model", "optimizer", "scheduler", "rng", "step", "config"} <= state.keys()
+    assert state["config"]["pretrain"]["method"] == cfg.pretrain.method
+    assert Path(out.checkpoint_uri, CHECKPOINT_FILE).exists()
+
+    # The same pretraining again: the finished checkpoint is found in storage, no worker starts.
+    start = time.perf_counter()
+    again = pretrain_encoder(cfg, data)
+    assert time.perf_counter() - start < 5
+    assert again.steps == again.resumed_from_step == 8 and again.history == out.history
+
+
+@pytest.mark.slow
+def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path / "ws", "pretrain.epochs=4", "pretrain.checkpoint_every_steps=2")
+    data = prepare_data(cfg)
+    run_id = tracking.start_run(cfg, data)
+    killer = KillAWorkerAfterACheckpoint(cfg, data)
+    killer.start()
+    try:
+        out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
+    finally:
+        killer.done.set()
+    tracking.log_pretraining(cfg, run_id, out)
+    tracking.end_run(cfg, run_id)
+
+    assert killer.killed_after_step is not None, "no worker was killed: the run finished first"
+    # Resumed from the latest checkpoint when the worker died: at most one interval (2 steps) lost.
+    assert out.resumed_from_step >= killer.killed_after_step > 0
+    assert out.steps == 16
+    assert_same_losses(out.history, single_process_history(cfg, data))
+    client, only = only_run(cfg)
+    assert only == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert_each_epoch_logged_once(client, run_id, out.history)
+
+
+@pytest.mark.slow
+def test_a_stopped_driver_resumes_when_the_same_command_runs_again(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    workspace = tmp_path / "ws"
+    sets = ["pretrain.epochs=6", "pretrain.checkpoint_every_steps=2"]
+    cfg = config(workspace, *sets)
+    name = run_name(cfg, prepare_data(cfg))
+    overrides = [f"workspace={workspace}", "data.dvc.enabled=false", "data.unlabeled_limit=256"]
+    overrides += ["pretrain.batch_size=64", *sets]
+    command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
+    command += ["--profile", "smoke", *(arg for key in overrides for arg in ("--set", key))]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
+    env.update(PYTHONPATH=str(REPO), COLUMNS="200", RAY_ADDRESS=ray_cluster)
+
+    driver = subprocess.Popen(
+        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    deadline = time.monotonic() + 300
+    while (checkpoint := latest_checkpoint(cfg, name)) is None and time.monotonic() < deadline:
+        assert driver.poll() is None, driver.communicate()[0].decode()
+        time.sleep(0.05)
+    driver.send_signal(signal.SIGINT)  # Ctrl-C
+    output = driver.communicate(timeout=120)[0].decode()
+    assert checkpoint is not None, output
+    stopped_after = checkpoint_step(checkpoint)
+    assert driver.returncode != 0 and 0 < stopped_after < 24, output
+
+    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = int(re.search(r"24 steps, resumed from step (\d+)", again.stdout).group(1))
+    assert resumed >= stopped_after
+
+
+@pytest.mark.slow
+def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
+    ray_cluster: str, s3_server, fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    s3 = s3_server.client()
+    s3.create_bucket(Bucket="checkpoints")
+    cfg = config(
+        tmp_path / "ws",
+        "pretrain.epochs=4",
+        "pretrain.checkpoint_every_steps=2",
+        "ray.storage_path=s3://checkpoints/ray",
+        f"ray.storage_endpoint_url={s3_server.endpoint_url}",
+    )
+    data = prepare_data(cfg)
+
+    killer = KillAWorkerAfterACheckpoint(cfg, data)
+    killer.start()
+    try:
+        out = pretrain_encoder(cfg, data)
+    finally:
+        killer.done.set()
+    assert killer.killed_after_step is not None, "no worker was killed: the run finished first"
+    assert out.resumed_from_step >= killer.killed_after_step > 0 and out.steps == 16
+    assert out.checkpoint_uri == f"s3://checkpoints/ray/{run_name(cfg, data)}/step-00000016"
+    assert not (tmp_path / "ws" / "ray").exists()  # nothing of the run's state is local
+    assert_same_losses(out.history, single_process_history(cfg, data))
+
+    # A new machine (empty workspace) running the same pretraining gets the result from S3.
+    fresh = config(
+        tmp_path / "fresh",
+        *[
+            f"{k}={v}"
+            for k, v in (
+                ("pretrain.epochs", 4),
+                ("pretrain.checkpoint_every_steps", 2),
+                ("ray.storage_path", "s3://checkpoints/ray"),
+                ("ray.storage_endpoint_url", s3_server.endpoint_url),
+            )
+        ],
+    )
+    again = pretrain_encoder(fresh, prepare_data(fresh))
+    assert again.steps == again.resumed_from_step == 16
+    assert (
+        torch.load(again.encoder_path, weights_only=True).keys()
+        == torch.load(out.encoder_path, weights_only=True).keys()
+    )

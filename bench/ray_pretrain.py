@@ -3,8 +3,8 @@
 Variants, each training the default profile's SimCLR / small_cnn (batch 256) for the same
 steps from scratch on the same images:
   - ``bare``: ``ssl_models.train.pretrain`` in this process (PyTorch's threads on every core);
-  - ``ray_1x2``: Ray Train, 1 worker holding both CPUs;
-  - ``ray_2x1``: Ray Train, 2 DDP workers (gloo) of 1 CPU each: the default configuration.
+  - ``ray_1x2``: Ray Train, 1 worker holding both CPUs (the default on this machine);
+  - ``ray_2x1``: Ray Train, 2 DDP workers (gloo, synchronised BatchNorm) of 1 CPU each.
 
 For each: wall time (the Ray variants include starting the worker group, resuming logic and
 checkpoint hand-off; ``ray.init`` is timed apart), steady images/s (epochs after the first),
@@ -66,7 +66,11 @@ def main() -> None:
         f"data.unlabeled_limit={args.images}",
         f"pretrain.epochs={args.epochs}",
     ]
-    variants = {"bare": [], "ray_1x2": ["ray.num_workers=1", "ray.cpus_per_worker=2"], "ray_2x1": []}
+    variants = {
+        "bare": [],
+        "ray_1x2": ["ray.num_workers=1", "ray.cpus_per_worker=2"],
+        "ray_2x1": ["ray.num_workers=2", "ray.cpus_per_worker=1"],
+    }
     configs = {
         name: load_config(
             Path("params.yaml"), "default", [*base, *extra, f"ray.storage_path={storage / name}"]

@@ -195,9 +195,9 @@ class RayConfig(_Section):
     """Where pretraining runs: Ray Train workers, and where their checkpoints go."""
 
     address: str | None = None  # None: RAY_ADDRESS if set, else a local Ray on this machine
-    num_workers: Annotated[int, Field(gt=0)] = 2
+    num_workers: Annotated[int, Field(gt=0)] = 1
     use_gpu: bool = False
-    cpus_per_worker: Annotated[float, Field(gt=0)] = 1.0
+    cpus_per_worker: Annotated[float, Field(gt=0)] = 2.0
     storage_path: str | None = None  # None: <workspace>/ray; or a folder, or s3://bucket/prefix
     storage_endpoint_url: str | None = None  # an S3-compatible store, e.g. http://127.0.0.1:8333
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker-group restarts; -1: no limit

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -38,7 +39,17 @@ ENTRYPOINT = "ssl-pipeline pretrain"  # what a cluster job runs (infra/ray/)
 CLUSTER_IMAGE = "ghcr.io/ssl-pipeline/ssl-pipeline:0.1.0"
 CHECKPOINT_FILE = "checkpoint.pt"
 
-log = logging.getLogger(__name__)
+
+def _progress_logger() -> logging.Logger:
+    """Epoch lines on the worker's stdout, which Ray forwards to the driver's console."""
+    logger = logging.getLogger("ssl_pipeline.progress")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+    return logger
 
 
 @dataclass(frozen=True)
@@ -84,7 +95,14 @@ def connect(cfg: PipelineConfig) -> None:
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
     try:
-        ray.init(address=address, include_dashboard=False, logging_level=logging.WARNING)
+        # Ray's own INFO/WARNING lines (and, without the dashboard package, a state-API warning
+        # every few seconds) drown the training progress; errors still show.
+        ray.init(
+            address=address,
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            logging_config=ray.LoggingConfig(log_level="ERROR"),
+        )
     except ConnectionError as e:
         raise ConnectionError(
             f"cannot reach the Ray cluster at {address!r} (ray.address or RAY_ADDRESS): {e}"
@@ -214,8 +232,8 @@ def train_worker(config: dict[str, Any]) -> None:
     on_epoch_end: Callable[[dict[str, float]], None] | None = config.get("on_epoch_end")
 
     def epoch_end(row: dict[str, float]) -> None:
-        log.warning(
-            "epoch %d/%d  loss %.4f  %.0f images/s",
+        _progress_logger().info(
+            "pretrain epoch %d/%d  loss %.4f  %.0f images/s",
             row["epoch"],
             cfg.pretrain.epochs,
             row["loss"],

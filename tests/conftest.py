@@ -45,7 +45,12 @@ def ray_cluster() -> str:
     """A local Ray instance shared by the session's tests (``tasks.pretrain`` joins it); its address."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, logging_level=logging.WARNING)
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+    )
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

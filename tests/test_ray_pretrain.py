@@ -39,7 +39,7 @@ from tests.conftest import REPO
 
 
 def config(workspace: Path, *overrides: str) -> PipelineConfig:
-    """The smoke profile, 256 images in batches of 64: 4 steps an epoch."""
+    """The smoke profile, 256 images in batches of 64 (4 steps an epoch), on 2 workers of 1 CPU."""
     return load_config(
         REPO / "params.yaml",
         "smoke",
@@ -48,6 +48,8 @@ def config(workspace: Path, *overrides: str) -> PipelineConfig:
             "data.dvc.enabled=false",
             "data.unlabeled_limit=256",
             "pretrain.batch_size=64",
+            "ray.num_workers=2",
+            "ray.cpus_per_worker=1",
             *overrides,
         ],
     )
@@ -120,7 +122,7 @@ class KillAWorkerAfterACheckpoint(threading.Thread):
 def test_two_workers_train_what_one_process_trains_and_log_one_mlflow_run(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path / "ws", "ray.num_workers=2")
+    cfg = config(tmp_path / "ws")
     data = prepare_data(cfg)
     run_id = tracking.start_run(cfg, data)
     out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
@@ -178,7 +180,7 @@ def test_a_stopped_driver_resumes_when_the_same_command_runs_again(
     cfg = config(workspace, *sets)
     name = run_name(cfg, prepare_data(cfg))
     overrides = [f"workspace={workspace}", "data.dvc.enabled=false", "data.unlabeled_limit=256"]
-    overrides += ["pretrain.batch_size=64", *sets]
+    overrides += ["pretrain.batch_size=64", "ray.num_workers=2", "ray.cpus_per_worker=1", *sets]
     command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
     command += ["--profile", "smoke", *(arg for key in overrides for arg in ("--set", key))]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}

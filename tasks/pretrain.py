@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import sys
 import tempfile
 from collections.abc import Callable
@@ -90,23 +91,29 @@ def run_dir(cfg: PipelineConfig, data: PreparedData) -> Path:
 
 
 def connect(cfg: PipelineConfig) -> None:
-    """Join the configured Ray cluster (``ray.address``, else ``RAY_ADDRESS``), or start one here."""
+    """Join the configured Ray cluster (``ray.address``, else ``RAY_ADDRESS``), or start one here.
+
+    An unreachable address fails at once, naming the setting; Ray itself would retry for minutes.
+    """
     if ray.is_initialized():
         return
     address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    try:
-        # Ray's own INFO/WARNING lines (and, without the dashboard package, a state-API warning
-        # every few seconds) drown the training progress; errors still show.
-        ray.init(
-            address=address,
-            include_dashboard=False,
-            logging_level=logging.WARNING,
-            logging_config=ray.LoggingConfig(log_level="ERROR"),
-        )
-    except ConnectionError as e:
-        raise ConnectionError(
-            f"cannot reach the Ray cluster at {address!r} (ray.address or RAY_ADDRESS): {e}"
-        ) from None
+    if address and address not in ("auto", "local"):
+        host, _, port = address.removeprefix("ray://").rpartition(":")
+        try:
+            socket.create_connection((host, int(port)), timeout=10).close()
+        except (OSError, ValueError) as e:
+            raise ConnectionError(
+                f"cannot reach the Ray cluster at {address!r} (ray.address or RAY_ADDRESS): {e}"
+            ) from None
+    # Ray's own INFO/WARNING lines (and, without the dashboard package, a state-API warning
+    # every few seconds) drown the training progress; errors still show.
+    ray.init(
+        address=address,
+        include_dashboard=False,
+        logging_level=logging.WARNING,
+        logging_config=ray.LoggingConfig(log_level="ERROR"),
+    )
 
 
 def storage(cfg: PipelineConfig) -> tuple[str, pafs.FileSystem | None]:
@@ -151,6 +158,11 @@ def latest_checkpoint(cfg: PipelineConfig, name: str) -> Checkpoint | None:
         return Result.from_path(f"{path}/{name}", storage_filesystem=filesystem).checkpoint
     except RuntimeError:  # no such run, or no checkpoint registered yet
         return None
+    except OSError as e:
+        where = cfg.ray.storage_path or path
+        raise ConnectionError(
+            f"cannot read checkpoints at {where!r} (ray.storage_path, ray.storage_endpoint_url): {e}"
+        ) from None
 
 
 def checkpoint_step(checkpoint: Checkpoint) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -253,3 +254,46 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
         torch.load(again.encoder_path, weights_only=True).keys()
         == torch.load(out.encoder_path, weights_only=True).keys()
     )
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_an_unreachable_ray_cluster_fails_naming_the_setting(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    address = f"127.0.0.1:{closed_port()}"
+    command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
+    command += [
+        "--profile",
+        "smoke",
+        "--set",
+        f"workspace={tmp_path / 'ws'}",
+        "--set",
+        "data.dvc.enabled=false",
+    ]
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
+    env.update(PYTHONPATH=str(REPO), COLUMNS="200", RAY_ADDRESS=address)
+    out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert f"cannot reach the Ray cluster at '{address}' (ray.address or RAY_ADDRESS)" in out.stdout
+    assert not (tmp_path / "ws" / "ray").exists()
+
+
+def test_unreachable_checkpoint_storage_fails_naming_the_setting(
+    fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for name, value in {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    endpoint = f"http://127.0.0.1:{closed_port()}"
+    cfg = config(
+        tmp_path / "ws", "ray.storage_path=s3://checkpoints/ray", f"ray.storage_endpoint_url={endpoint}"
+    )
+    with pytest.raises(
+        ConnectionError, match=r"'s3://checkpoints/ray' \(ray.storage_path, ray.storage_endpoint_url\)"
+    ):
+        pretrain_encoder(cfg, prepare_data(cfg))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from prefect import flow, task
@@ -62,26 +64,32 @@ def _versioned_data(cfg: PipelineConfig) -> data.PreparedData:
     return prepare_data(cfg, versions)
 
 
-@flow(name="ssl_pretraining", validate_parameters=False)
-def ssl_pretraining(cfg: PipelineConfig) -> PretrainingResult:
-    """Data -> Ray pretraining, tracked as one MLflow run: what a cluster job runs."""
-    prepared = _versioned_data(cfg)
+@contextmanager
+def _mlflow_run(cfg: PipelineConfig, prepared: data.PreparedData) -> Iterator[str]:
+    """One MLflow run around the block; FAILED if the block raises (Ctrl-C included)."""
     run_id = start_run(cfg, prepared)
     try:
-        pretrained = pretrain_encoder(cfg, prepared, run_id)
-        log_pretraining(cfg, run_id, pretrained)
+        yield run_id
     except BaseException:
         end_run(cfg, run_id, "FAILED")
         raise
     end_run(cfg, run_id)
+
+
+@flow(name="ssl_pretraining", validate_parameters=False)
+def ssl_pretraining(cfg: PipelineConfig) -> PretrainingResult:
+    """Data -> Ray pretraining, tracked as one MLflow run: what a cluster job runs."""
+    prepared = _versioned_data(cfg)
+    with _mlflow_run(cfg, prepared) as run_id:
+        pretrained = pretrain_encoder(cfg, prepared, run_id)
+        log_pretraining(cfg, run_id, pretrained)
     return PretrainingResult(run_id, prepared, pretrained)
 
 
 @flow(name="ssl_pipeline", validate_parameters=False)
 def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
     prepared = _versioned_data(cfg)
-    run_id = start_run(cfg, prepared)
-    try:
+    with _mlflow_run(cfg, prepared) as run_id:
         pretrained = pretrain_encoder(cfg, prepared, run_id)
         log_pretraining(cfg, run_id, pretrained)
         evaluation = evaluate_encoder(cfg, prepared, pretrained)
@@ -89,8 +97,4 @@ def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
         model_uri = log_classifier(cfg, run_id, prepared, evaluation)
         version = register_model(cfg, model_uri, run_id, tracking.lineage_tags(cfg, prepared))
         champion = alias_champion_if_none(cfg, version)
-    except BaseException:
-        end_run(cfg, run_id, "FAILED")
-        raise
-    end_run(cfg, run_id)
     return PipelineResult(run_id, version, champion, evaluation, prepared, pretrained)

@@ -180,10 +180,10 @@ def finished_checkpoint(cfg: PipelineConfig, data: PreparedData) -> dict[str, An
 
 
 def checkpoint_uri(cfg: PipelineConfig, name: str, step: int) -> str:
-    path, _ = storage(cfg)
-    if cfg.ray.storage_path and cfg.ray.storage_path.startswith("s3://") and not path.startswith("s3://"):
-        path = f"s3://{path}"
-    return f"{path}/{name}/{checkpoint_dir_name(step)}"
+    """Where a run's checkpoint lives, as a user names it: a folder, or s3://bucket/prefix/..."""
+    configured = cfg.ray.storage_path or ""
+    base = configured if configured.startswith("s3://") else storage(cfg)[0]
+    return f"{base}/{name}/{checkpoint_dir_name(step)}"
 
 
 def scaling_config(cfg: PipelineConfig) -> ScalingConfig:

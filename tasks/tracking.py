@@ -147,18 +147,21 @@ class EpochLogger:
     run_id: str
 
     def __call__(self, row: dict[str, float]) -> None:
+        self.log([row])
+
+    def log(self, rows: list[dict[str, float]]) -> None:
+        """Log the rows whose epoch the run does not hold yet (one read, one write)."""
         client = MlflowClient(self.uri)
-        epoch = int(row["epoch"])
-        if any(m.step == epoch for m in client.get_metric_history(self.run_id, "pretrain_loss")):
-            return
+        logged = {m.step for m in client.get_metric_history(self.run_id, "pretrain_loss")}
         now = int(time.time() * 1000)
-        client.log_batch(
-            self.run_id,
-            metrics=[
-                Metric(f"pretrain_{key}", float(row[key]), now, epoch)
-                for key in ("loss", "lr", "images_per_s")
-            ],
-        )
+        metrics = [
+            Metric(f"pretrain_{key}", float(row[key]), now, int(row["epoch"]))
+            for row in rows
+            if int(row["epoch"]) not in logged
+            for key in ("loss", "lr", "images_per_s")
+        ]
+        if metrics:
+            client.log_batch(self.run_id, metrics=metrics)
 
 
 def epoch_logger(cfg: PipelineConfig, run_id: str) -> EpochLogger:
@@ -172,9 +175,7 @@ def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> No
     Epochs missing from the run (a pretraining that had finished before this run, so no
     worker logged them) are logged here.
     """
-    logger = epoch_logger(cfg, run_id)
-    for row in out.history:
-        logger(row)
+    epoch_logger(cfg, run_id).log(out.history)
     client = client_for(cfg)
     client.log_batch(
         run_id,

@@ -88,7 +88,7 @@ def main() -> None:
         start = time.perf_counter()
         pretrained = pretrain_encoder(cfg, data, on_epoch_end=lambda row, n=name: print(n, row, flush=True))
         pretrain_seconds = time.perf_counter() - start
-        evaluation = evaluate_encoder(cfg, data, pretrained)
+        evaluation = evaluate_encoder(cfg, data, pretrained.encoder_path)
         row: dict[str, object] = {
             "method": name,
             "backbone": cfg.model.backbone,

@@ -67,19 +67,41 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
 
 
-def results_table(result) -> Table:  # type: ignore[no-untyped-def]
-    rows = result.evaluation.rows
-    table = Table(title="Fashion-MNIST test accuracy (top-1)")
+def results_table(output) -> Table:  # type: ignore[no-untyped-def]
+    """A sweep's cells: test accuracy mean +- std over seeds, per label fraction and protocol."""
+    table = Table(title=f"Test accuracy (top-1), mean ± std over seeds; {output.name}")
     for column in ("labels", "kNN", "linear probe", "fine-tune", "supervised (scratch)"):
         table.add_column(column, justify="right")
-    for fraction in sorted({r.label_fraction for r in rows}):
-        cells = {r.protocol: f"{100 * r.accuracy:.1f}%" for r in rows if r.label_fraction == fraction}
-        n = next(r.num_labels for r in rows if r.label_fraction == fraction)
+    for fraction in sorted({c.label_fraction for c in output.cells}):
+        cells = {
+            c.protocol: f"{100 * c.mean:.1f} ± {100 * c.std:.1f}"
+            for c in output.cells
+            if c.label_fraction == fraction
+        }
+        n = next(c.num_labels for c in output.cells if c.label_fraction == fraction)
         table.add_row(
             f"{fraction * 100:g}% ({n})",
             *(cells.get(p, "-") for p in ("knn", "linear", "finetune", "supervised")),
         )
     return table
+
+
+def print_sweep(cfg: PipelineConfig, output) -> dict[float, float]:  # type: ignore[no-untyped-def]
+    console.print(results_table(output))
+    primary = cfg.evaluate.primary_protocol
+    gains = output.gains_over_supervised(primary)
+    for fraction, gain in sorted(gains.items()):
+        console.print(
+            f"At {fraction * 100:g}% labels, {primary} from the pretrained encoder is "
+            f"{100 * gain:+.1f} points over supervised from scratch (same labels, grid and budget)."
+        )
+    stopped = sum(t.stopped_early for t in output.trials)
+    console.print(
+        f"{len(output.trials)} trials in {output.seconds:.0f} s, {stopped} stopped early by ASHA; "
+        f"best model: {output.best_cell}. Figures in {output.folder}.",
+        highlight=False,
+    )
+    return gains
 
 
 @app.command()
@@ -101,18 +123,12 @@ def run(
         console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - start
-    console.print(results_table(result))
-    primary = cfg.evaluate.primary_protocol
-    gains = result.evaluation.gains_over_supervised(primary)
-    for fraction, gain in sorted(gains.items()):
-        console.print(
-            f"At {fraction * 100:g}% labels, {primary} from the pretrained encoder is "
-            f"{100 * gain:+.1f} points over supervised from scratch (same labels, augmentations and steps)."
-        )
+    gains = print_sweep(cfg, result.sweep.sweep)
     console.print(
-        f"MLflow run {result.run_id}; registered model '{cfg.tracking.registered_model}' "
-        f"version {result.model_version}; champion is version {result.champion_version}. "
-        f"{seconds:.0f} s."
+        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}; "
+        f"registered model '{cfg.tracking.registered_model}' version {result.model_version}; "
+        f"champion is version {result.champion_version}. {seconds:.0f} s.",
+        highlight=False,
     )
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -123,12 +139,17 @@ def run(
                     "method": cfg.pretrain.method,
                     "backbone": cfg.model.backbone,
                     "pretrain_epochs": cfg.pretrain.epochs,
-                    "unlabeled_images": result.data.unlabeled.num_images,
+                    "unlabeled_images": result.pretraining.data.unlabeled.num_images,
                     "wall_seconds": round(seconds, 1),
-                    "pretrain_images_per_s": [round(r["images_per_s"]) for r in result.pretrain.history],
-                    "data_sha256": result.data.digests(),
-                    "accuracy": result.evaluation.as_dicts(),
-                    "primary_protocol": primary,
+                    "pretrain_images_per_s": [
+                        round(r["images_per_s"]) for r in result.pretraining.pretrain.history
+                    ],
+                    "data_sha256": result.pretraining.data.digests(),
+                    "accuracy": result.sweep.sweep.curve(),
+                    "sweep_seconds": round(result.sweep.sweep.seconds, 1),
+                    "trials": len(result.sweep.sweep.trials),
+                    "stopped_early": sum(t.stopped_early for t in result.sweep.sweep.trials),
+                    "primary_protocol": cfg.evaluate.primary_protocol,
                     "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
                     "command": " ".join(["ssl-pipeline", *sys.argv[1:]]),
                 },
@@ -136,6 +157,29 @@ def run(
             )
             + "\n"
         )
+
+
+@app.command()
+def sweep(
+    pretrain_run: Annotated[
+        str, typer.Option("--pretrain-run", help="The MLflow run of a pretraining (ssl-pipeline pretrain).")
+    ],
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Ray Tune sweep of the label-efficiency protocols on a pretraining run's encoder."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from flows.pipeline import ssl_sweep
+
+    try:
+        result = ssl_sweep(cfg, pretrain_run)
+    except Exception as e:  # the flow already logged the traceback
+        console.print(f"[red]ssl-pipeline sweep failed:[/red] {type(e).__name__}: {e}", highlight=False)
+        raise typer.Exit(1) from None
+    print_sweep(cfg, result.sweep)
+    console.print(f"MLflow sweep run {result.run_id}; model {result.model_uri}.", highlight=False)
 
 
 @app.command()
@@ -195,7 +239,7 @@ def methods() -> None:
 
 @app.command()
 def stage(
-    name: Annotated[str, typer.Argument(help="prepare | pretrain | evaluate")],
+    name: Annotated[str, typer.Argument(help="prepare | pretrain | sweep")],
     config: ConfigPath = Path("params.yaml"),
     profile: Profile = "default",
     overrides: Overrides = None,

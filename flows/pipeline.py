@@ -1,4 +1,5 @@
-"""The ``ssl_pipeline`` flow: data -> pretraining -> evaluation -> MLflow run -> registered model."""
+"""The flows: ``ssl_pretraining`` (data -> Ray Train), ``ssl_sweep`` (data + a pretraining run ->
+Ray Tune sweep -> logged model) and ``ssl_pipeline`` (all of it, then the registry)."""
 
 from __future__ import annotations
 
@@ -9,18 +10,8 @@ from dataclasses import dataclass
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import data, evaluate, pretrain, registry, tracking, versioning
+from tasks import data, plots, pretrain, registry, sweep, tracking, versioning
 from tasks.config import PipelineConfig
-
-
-@dataclass(frozen=True)
-class PipelineResult:
-    run_id: str
-    model_version: str
-    champion_version: str
-    evaluation: evaluate.EvaluationOutput
-    data: data.PreparedData
-    pretrain: pretrain.PretrainOutput
 
 
 def _task(fn, name: str):  # type: ignore[no-untyped-def]
@@ -33,8 +24,10 @@ version_data = _task(versioning.version_datasets, "version-data")
 prepare_data = _task(data.prepare_data, "prepare-data")
 start_run = _task(tracking.start_run, "start-mlflow-run")
 log_pretraining = _task(tracking.log_pretraining, "log-pretraining")
-evaluate_encoder = _task(evaluate.evaluate_encoder, "evaluate")
-log_evaluation = _task(tracking.log_evaluation, "log-evaluation")
+download_checkpoint = _task(tracking.download_checkpoint, "download-pretraining-checkpoint")
+encoder_from_checkpoint = _task(pretrain.encoder_from_checkpoint, "encoder-from-checkpoint")
+sweep_figures = _task(plots.sweep_figures, "sweep-figures")
+log_sweep = _task(tracking.log_sweep, "log-sweep")
 log_classifier = _task(tracking.log_classifier, "log-model")
 register_model = _task(registry.register_model, "register-model")
 alias_champion_if_none = _task(registry.alias_champion_if_none, "alias-champion-if-none")
@@ -49,11 +42,36 @@ def pretrain_encoder(
     return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=tracking.epoch_logger(cfg, run_id))
 
 
+@task(name="sweep", cache_policy=NO_CACHE)
+def run_sweep(
+    cfg: PipelineConfig, prepared: data.PreparedData, encoder_path: str, run_id: str
+) -> sweep.SweepOutput:
+    """Ray Tune trials; each one an MLflow child run of the sweep's run."""
+    return sweep.run_sweep(cfg, prepared, encoder_path, tracking.trial_runs(cfg, run_id))
+
+
 @dataclass(frozen=True)
 class PretrainingResult:
     run_id: str
     data: data.PreparedData
     pretrain: pretrain.PretrainOutput
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    run_id: str
+    pretrain_run_id: str
+    data: data.PreparedData
+    sweep: sweep.SweepOutput
+    model_uri: str
+
+
+@dataclass(frozen=True)
+class PipelineResult:
+    pretraining: PretrainingResult
+    sweep: SweepResult
+    model_version: str
+    champion_version: str
 
 
 def _versioned_data(cfg: PipelineConfig) -> data.PreparedData:
@@ -65,9 +83,11 @@ def _versioned_data(cfg: PipelineConfig) -> data.PreparedData:
 
 
 @contextmanager
-def _mlflow_run(cfg: PipelineConfig, prepared: data.PreparedData) -> Iterator[str]:
+def _mlflow_run(
+    cfg: PipelineConfig, prepared: data.PreparedData, kind: str, tags: dict[str, str] | None = None
+) -> Iterator[str]:
     """One MLflow run around the block; FAILED if the block raises (Ctrl-C included)."""
-    run_id = start_run(cfg, prepared)
+    run_id = start_run(cfg, prepared, kind, tags)
     try:
         yield run_id
     except BaseException:
@@ -76,25 +96,55 @@ def _mlflow_run(cfg: PipelineConfig, prepared: data.PreparedData) -> Iterator[st
     end_run(cfg, run_id)
 
 
-@flow(name="ssl_pretraining", validate_parameters=False)
-def ssl_pretraining(cfg: PipelineConfig) -> PretrainingResult:
-    """Data -> Ray pretraining, tracked as one MLflow run: what a cluster job runs."""
-    prepared = _versioned_data(cfg)
-    with _mlflow_run(cfg, prepared) as run_id:
+def _pretraining(cfg: PipelineConfig, prepared: data.PreparedData) -> PretrainingResult:
+    with _mlflow_run(cfg, prepared, "pretrain") as run_id:
         pretrained = pretrain_encoder(cfg, prepared, run_id)
         log_pretraining(cfg, run_id, pretrained)
     return PretrainingResult(run_id, prepared, pretrained)
 
 
+@contextmanager
+def _sweep(
+    cfg: PipelineConfig, prepared: data.PreparedData, encoder_path: str, pretrain_run_id: str
+) -> Iterator[SweepResult]:
+    """The sweep's run: trials as child runs, figures, the best model logged; the caller may add
+    to the run (registration) before it ends."""
+    with _mlflow_run(cfg, prepared, "sweep", {"sweep.pretrain_run": pretrain_run_id}) as run_id:
+        output = run_sweep(cfg, prepared, encoder_path, run_id)
+        log_sweep(cfg, run_id, output, sweep_figures(output))
+        model_uri = log_classifier(cfg, run_id, prepared, output.best_model_path, output.classes)
+        yield SweepResult(run_id, pretrain_run_id, prepared, output, model_uri)
+
+
+@flow(name="ssl_pretraining", validate_parameters=False)
+def ssl_pretraining(cfg: PipelineConfig) -> PretrainingResult:
+    """Data -> Ray pretraining, tracked as one MLflow run: what a cluster job runs."""
+    return _pretraining(cfg, _versioned_data(cfg))
+
+
+@flow(name="ssl_sweep", validate_parameters=False)
+def ssl_sweep(cfg: PipelineConfig, pretrain_run_id: str) -> SweepResult:
+    """Data + the encoder a pretraining run logged -> Ray Tune sweep, one parent MLflow run."""
+    folder = cfg.workspace_path / "pretrain" / f"run-{pretrain_run_id}"
+    checkpoint = download_checkpoint(cfg, pretrain_run_id, folder)
+    encoder_path = encoder_from_checkpoint(cfg, checkpoint)
+    prepared = _versioned_data(cfg)
+    with _sweep(cfg, prepared, str(encoder_path), pretrain_run_id) as result:
+        return result
+
+
 @flow(name="ssl_pipeline", validate_parameters=False)
 def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
     prepared = _versioned_data(cfg)
-    with _mlflow_run(cfg, prepared) as run_id:
-        pretrained = pretrain_encoder(cfg, prepared, run_id)
-        log_pretraining(cfg, run_id, pretrained)
-        evaluation = evaluate_encoder(cfg, prepared, pretrained)
-        log_evaluation(cfg, run_id, evaluation)
-        model_uri = log_classifier(cfg, run_id, prepared, evaluation)
-        version = register_model(cfg, model_uri, run_id, tracking.lineage_tags(cfg, prepared))
+    pretraining = _pretraining(cfg, prepared)
+    encoder_path = pretraining.pretrain.encoder_path
+    with _sweep(cfg, prepared, encoder_path, pretraining.run_id) as swept:
+        tags = {
+            **tracking.lineage_tags(cfg, prepared),
+            "pretrain.run_id": pretraining.run_id,
+            "sweep.run_id": swept.run_id,
+            "sweep.best_cell": swept.sweep.best_cell,
+        }
+        version = register_model(cfg, swept.model_uri, swept.run_id, tags)
         champion = alias_champion_if_none(cfg, version)
-    return PipelineResult(run_id, version, champion, evaluation, prepared, pretrained)
+    return PipelineResult(pretraining, swept, version, champion)

@@ -10,11 +10,11 @@ from typing import Any
 
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData, prepare_data
-from tasks.evaluate import evaluate_encoder
 from tasks.pretrain import PretrainOutput, pretrain_encoder
+from tasks.sweep import run_sweep
 from tasks.versioning import recorded_versions
 
-STAGES = ("prepare", "pretrain", "evaluate")
+STAGES = ("prepare", "pretrain", "sweep")
 
 
 def manifest_path(cfg: PipelineConfig, stage: str) -> Path:
@@ -41,10 +41,10 @@ def run_stage(stage: str, cfg: PipelineConfig) -> Path:
         payload: Any = asdict(prepare_data(cfg, recorded_versions(cfg)))
     elif stage == "pretrain":
         payload = asdict(pretrain_encoder(cfg, PreparedData.from_dict(_read(cfg, "prepare"))))
-    elif stage == "evaluate":
+    elif stage == "sweep":
         data = PreparedData.from_dict(_read(cfg, "prepare"))
-        evaluation = evaluate_encoder(cfg, data, PretrainOutput(**_read(cfg, "pretrain")))
-        payload = evaluation.metrics(cfg.evaluate.primary_protocol)
+        pretrained = PretrainOutput(**_read(cfg, "pretrain"))
+        payload = run_sweep(cfg, data, pretrained.encoder_path).metrics()
     else:
         raise ValueError(f"unknown stage {stage!r}; choose one of {list(STAGES)}")
     path = manifest_path(cfg, stage)

@@ -7,6 +7,7 @@ with the same labels, augmentations and number of steps.
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -76,8 +77,14 @@ def linear_probe(
     train_labels: torch.Tensor,
     num_classes: int,
     settings: LinearProbeSettings,
+    on_eval: Callable[[int, nn.Linear], None] | None = None,
+    eval_every: int = 0,
 ) -> nn.Linear:
-    """A linear classifier on frozen features, returned with the feature standardisation folded in."""
+    """A linear classifier on frozen features, returned with the feature standardisation folded in.
+
+    ``on_eval(step, head)`` runs every ``eval_every`` steps before the last (e.g. to report a
+    validation accuracy to an early-stopping scheduler).
+    """
     mean = train_features.mean(0)
     std = train_features.std(0) + 1e-6 if len(train_features) > 1 else torch.ones_like(mean)
     x = (train_features - mean) / std
@@ -86,17 +93,24 @@ def linear_probe(
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(settings.steps, 0))
     g = torch.Generator().manual_seed(settings.seed)
     batch = min(settings.batch_size, len(x))
-    for _ in range(settings.steps):
+    for step in range(settings.steps):
         idx = torch.randint(len(x), (batch,), generator=g)
         loss = F.cross_entropy(head(x[idx]), train_labels[idx])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-    folded = nn.Linear(x.shape[1], num_classes)
-    with torch.no_grad():
-        folded.weight.copy_(head.weight / std)
-        folded.bias.copy_(head.bias - (head.weight * (mean / std)).sum(1))
+        if on_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < settings.steps:
+            on_eval(step + 1, _fold(head, mean, std))
+    return _fold(head, mean, std)
+
+
+@torch.no_grad()
+def _fold(head: nn.Linear, mean: torch.Tensor, std: torch.Tensor) -> nn.Linear:
+    """``head`` applied to standardised features, as one layer on raw features."""
+    folded = nn.Linear(head.in_features, head.out_features)
+    folded.weight.copy_(head.weight / std)
+    folded.bias.copy_(head.bias - (head.weight * (mean / std)).sum(1))
     return folded
 
 
@@ -123,8 +137,14 @@ def finetune(
     settings: TrainSettings,
     steps: int,
     device: str | torch.device = "cpu",
+    on_eval: Callable[[int, nn.Sequential], None] | None = None,
+    eval_every: int = 0,
 ) -> nn.Sequential:
-    """Train a copy of ``encoder`` plus a linear head end to end on labeled uint8 ``images``."""
+    """Train a copy of ``encoder`` plus a linear head end to end on labeled uint8 ``images``.
+
+    ``on_eval(step, model)`` runs every ``eval_every`` steps before the last; the model is put
+    back in training mode afterwards.
+    """
     device = torch.device(device)
     head = seeded_linear(num_features(encoder), num_classes, settings.seed)
     model = nn.Sequential(copy.deepcopy(encoder), head)
@@ -141,6 +161,9 @@ def finetune(
         loss.backward()
         optimizer.step()
         schedule.step()
+        if on_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            on_eval(step + 1, model)
+            model.train()
     return model.to(memory_format=torch.contiguous_format).eval()
 
 

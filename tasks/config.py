@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -151,6 +152,11 @@ class PretrainConfig(OptimConfig):
         return self
 
 
+class KnnConfig(_Section):
+    k: Annotated[int, Field(gt=0)] = 200
+    temperature: Annotated[float, Field(gt=0)] = 0.1
+
+
 class LinearProbeConfig(_Section):
     steps: Annotated[int, Field(gt=0)] = 500
     lr: Annotated[float, Field(gt=0)] = 1e-2
@@ -167,20 +173,89 @@ class FinetuneConfig(OptimConfig):
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0)
 
 
+SEARCHABLE: dict[str, type[_Section]] = {
+    "knn": KnnConfig,
+    "linear": LinearProbeConfig,
+    "finetune": FinetuneConfig,
+}
+
+
+class SearchConfig(_Section):
+    """Ray Tune's grid: per protocol, the values to try for keys of that protocol's section.
+
+    ``finetune`` also drives the supervised-from-scratch baseline (same grid, same budget).
+    """
+
+    knn: dict[str, list[Any]] = Field(default_factory=dict)
+    linear: dict[str, list[Any]] = Field(default_factory=dict)
+    finetune: dict[str, list[Any]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _values_valid(self) -> SearchConfig:
+        for protocol, section in SEARCHABLE.items():
+            for key, values in getattr(self, protocol).items():
+                if key not in section.model_fields or key == "augment":
+                    searchable = sorted(k for k in section.model_fields if k != "augment")
+                    raise ValueError(f"{protocol}.{key}: not a {protocol} setting; choose from {searchable}")
+                if not values:
+                    raise ValueError(f"{protocol}.{key}: give at least one value")
+                for value in values:
+                    try:
+                        section.model_validate({key: value})
+                    except ValidationError as e:
+                        raise ValueError(
+                            f"{protocol}.{key}: {e.errors()[0]['msg']} (got {value!r})"
+                        ) from None
+        return self
+
+
+class AshaConfig(_Section):
+    """Early stopping within each (protocol, label fraction) cell, on validation accuracy."""
+
+    enabled: bool = True
+    reports: Annotated[int, Field(gt=0)] = 4  # validation evaluations per trial: ASHA's time unit
+    grace_period: Annotated[int, Field(gt=0)] = 1
+    reduction_factor: Annotated[float, Field(gt=1)] = 3
+
+    @model_validator(mode="after")
+    def _grace_within_budget(self) -> AshaConfig:
+        if self.grace_period > self.reports:
+            raise ValueError(f"grace_period: at most reports ({self.reports}), got {self.grace_period}")
+        return self
+
+
 class EvaluateConfig(_Section):
     label_fractions: list[Fraction] = Field(default=[0.01, 0.1, 1.0], min_length=1)
     finetune_fractions: list[Fraction] = [0.01, 0.1]
     primary_protocol: Literal["linear", "finetune"] = "finetune"
-    knn_k: Annotated[int, Field(gt=0)] = 200
-    knn_temperature: Annotated[float, Field(gt=0)] = 0.1
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1)
+    validation_size: Annotated[int, Field(gt=0)] = 5000
+    knn: KnnConfig = KnnConfig()
     linear: LinearProbeConfig = LinearProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    search: SearchConfig = SearchConfig()
+    asha: AshaConfig = AshaConfig()
+    max_concurrent_trials: Annotated[int, Field(gt=0)] | None = None  # None: as the resources allow
+    cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0
+    feature_cache: bool = True
 
     @model_validator(mode="after")
     def _primary_evaluated(self) -> EvaluateConfig:
         if self.primary_protocol == "finetune" and not self.finetune_fractions:
             raise ValueError("primary_protocol 'finetune' needs at least one finetune_fractions entry")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: repeated seed in {self.seeds}")
         return self
+
+    def grid(self, protocol: str) -> list[dict[str, Any]]:
+        """Every point of the protocol's search grid as a full section dump, the base config first."""
+        section = getattr(self, "finetune" if protocol == "supervised" else protocol)
+        space = getattr(self.search, "finetune" if protocol == "supervised" else protocol)
+        base = section.model_dump(mode="json")
+        points = [dict(zip(space, values, strict=True)) for values in itertools.product(*space.values())]
+        ordered = sorted(points, key=lambda p: p != {k: base[k] for k in p})
+        return [{**base, **point} for point in ordered]
 
 
 class TrackingConfig(_Section):

@@ -1,19 +1,25 @@
-"""Label-efficient evaluation of a pretrained encoder beside a supervised-from-scratch baseline.
+"""Label-efficient evaluation of a pretrained encoder, one trial at a time.
 
-At each label fraction (a stratified, seeded subset of the labeled set; the indices are
-saved): kNN and a linear probe on frozen features, and, at ``finetune_fractions``,
-fine-tuning of the pretrained encoder and the same training from a random init.
+A trial is one protocol (kNN or linear probe on frozen features, fine-tuning, or the
+supervised-from-scratch baseline) at one label fraction with one config and one seed. The
+label subsets are drawn from the labeled set minus a held-out validation split: trials report
+validation accuracy (what configs are picked and stopped on) and, at the end, test accuracy.
+Ray Tune runs the trials (``tasks/sweep.py``); ``evaluate_encoder`` runs each cell's base
+config once, in process.
 """
 
 from __future__ import annotations
 
-import json
+import hashlib
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
+from ssl_models import Encoder
 from ssl_models.data import stratified_subset
 from ssl_models.evaluate import (
     accuracy,
@@ -23,17 +29,14 @@ from ssl_models.evaluate import (
     knn_predict,
     linear_probe,
 )
-from tasks.config import PipelineConfig
+from tasks.config import FinetuneConfig, LinearProbeConfig, PipelineConfig
 from tasks.data import PreparedData, load_dataset
-from tasks.pretrain import PretrainOutput, build_encoder, load_encoder
+from tasks.pretrain import build_encoder
 
-
-@dataclass(frozen=True)
-class EvalRow:
-    protocol: str  # knn | linear | finetune | supervised
-    label_fraction: float
-    num_labels: int
-    accuracy: float
+PROTOCOLS = ("knn", "linear", "finetune", "supervised")
+FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache serves them
+DETERMINISTIC = ("knn",)  # no seed enters kNN: repeating it over seeds would measure nothing
+Report = Callable[[dict[str, float]], None]
 
 
 def percent(label_fraction: float) -> str:
@@ -47,10 +50,267 @@ def metric_name(protocol: str, label_fraction: float) -> str:
 
 
 @dataclass(frozen=True)
+class TrialSpec:
+    protocol: str  # knn | linear | finetune | supervised
+    label_fraction: float
+    seed: int
+    params: dict[str, Any]  # the protocol's config section (evaluate.knn / linear / finetune)
+    searched: tuple[str, ...] = ()  # the keys the sweep varies: they name the trial
+
+    @property
+    def cell(self) -> str:
+        return f"{self.protocol}-{percent(self.label_fraction)}"
+
+    @property
+    def name(self) -> str:
+        varied = "".join(f"-{key}{self.params[key]:g}" for key in self.searched)
+        return f"{self.cell}{varied}-seed{self.seed}"
+
+
+def protocol_fractions(cfg: PipelineConfig) -> dict[str, list[float]]:
+    ev = cfg.evaluate
+    fine = sorted(ev.finetune_fractions)
+    return {"knn": sorted(ev.label_fractions), "linear": sorted(ev.label_fractions)} | {
+        "finetune": fine,
+        "supervised": fine,
+    }
+
+
+def trial_specs(cfg: PipelineConfig, seed: int, search: bool = True) -> list[TrialSpec]:
+    """Every cell's grid points (only its base config when ``search`` is false) with ``seed``."""
+    specs = []
+    for protocol, fractions in protocol_fractions(cfg).items():
+        grid = cfg.evaluate.grid(protocol)
+        points = grid if search else grid[:1]
+        section = "finetune" if protocol == "supervised" else protocol
+        searched = tuple(k for k, v in getattr(cfg.evaluate.search, section).items() if len(v) > 1)
+        for fraction in fractions:
+            specs += [TrialSpec(protocol, fraction, seed, point, searched) for point in points]
+    return specs
+
+
+@dataclass(frozen=True)
+class Features:
+    labeled: torch.Tensor
+    test: torch.Tensor
+
+
+@dataclass(frozen=True)
+class EvalInputs:
+    """What every trial reads; built once by the driver (Ray ships it to trials once)."""
+
+    labeled_images: torch.Tensor
+    labeled_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classes: tuple[str, ...]
+    validation: torch.Tensor  # indices into the labeled set
+    splits: dict[float, torch.Tensor]  # label fraction -> indices into the labeled set
+    encoder_state: dict[str, torch.Tensor]
+    mean: float
+    std: float
+    features: Features | None = None  # the cache; None: each frozen trial extracts its own
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def label_splits(
+    labels: torch.Tensor, fractions: list[float], validation_size: int, seed: int
+) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
+    """A stratified validation split, and each label fraction of the rest (indices, sorted)."""
+    if validation_size >= len(labels):
+        raise ValueError(
+            f"evaluate.validation_size: {validation_size} is not below the {len(labels)} labeled images"
+        )
+    validation = stratified_subset(labels, validation_size / len(labels), seed)
+    pool = torch.ones(len(labels), dtype=torch.bool)
+    pool[validation] = False
+    pool_idx = pool.nonzero().flatten()
+    splits = {f: pool_idx[stratified_subset(labels[pool_idx], f, seed)] for f in sorted(set(fractions))}
+    return validation, splits
+
+
+def encoder_digest(encoder_path: str | Path) -> str:
+    return hashlib.sha256(Path(encoder_path).read_bytes()).hexdigest()
+
+
+def feature_cache_path(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path) -> Path:
+    """Keyed by the encoder's weights and the labeled and test data versions."""
+    key = f"{encoder_digest(encoder_path)[:16]}-{data.labeled.digest[:12]}-{data.test.digest[:12]}"
+    return cfg.workspace_path / "features" / f"{key}.pt"
+
+
+def cached_features(
+    cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path, inputs: EvalInputs
+) -> Features:
+    """The frozen features of the labeled and test sets: computed once, then read from disk."""
+    path = feature_cache_path(cfg, data, encoder_path)
+    if path.exists():
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return Features(saved["labeled"], saved["test"])
+    encoder = trial_encoder(cfg, inputs, pretrained=True)
+    features = Features(
+        extract_features(encoder, inputs.labeled_images), extract_features(encoder, inputs.test_images)
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial")
+    torch.save(asdict(features), partial)
+    partial.replace(path)  # a crash mid-write never leaves a truncated cache entry
+    return features
+
+
+def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path) -> EvalInputs:
+    labeled, test = load_dataset(data.labeled), load_dataset(data.test)
+    if labeled.labels is None or test.labels is None:
+        raise ValueError(f"{data.labeled.path} / {data.test.path}: the evaluation sets need labels")
+    ev = cfg.evaluate
+    fractions = [*ev.label_fractions, *ev.finetune_fractions]
+    validation, splits = label_splits(labeled.labels, fractions, ev.validation_size, cfg.seed)
+    state = torch.load(encoder_path, map_location="cpu", weights_only=True)
+    inputs = EvalInputs(
+        labeled.images,
+        labeled.labels,
+        test.images,
+        test.labels,
+        tuple(labeled.classes),
+        validation,
+        splits,
+        state,
+        data.mean,
+        data.std,
+    )
+    if not ev.feature_cache:
+        return inputs
+    features = cached_features(cfg, data, encoder_path, inputs)
+    return EvalInputs(**{**inputs.__dict__, "features": features})
+
+
+def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, pretrained: bool) -> Encoder:
+    encoder = build_encoder(cfg, inputs.mean, inputs.std)
+    if pretrained:
+        encoder.load_state_dict(inputs.encoder_state)
+    return encoder
+
+
+@dataclass(frozen=True)
+class TrialOutcome:
+    val_accuracy: float
+    test_accuracy: float
+    test_predictions: torch.Tensor
+    classifier_state: dict[str, torch.Tensor] | None  # encoder + linear head; None for kNN
+    reports: int  # validation reports made, the last one included
+
+
+def _frozen_features(
+    cfg: PipelineConfig, inputs: EvalInputs, train_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(train, validation, test) features: from the cache, or extracted for this trial only."""
+    if inputs.features is not None:
+        labeled = inputs.features.labeled
+        return labeled[train_idx], labeled[inputs.validation], inputs.features.test
+    encoder = trial_encoder(cfg, inputs, pretrained=True)
+    images = inputs.labeled_images
+    return (
+        extract_features(encoder, images[train_idx]),
+        extract_features(encoder, images[inputs.validation]),
+        extract_features(encoder, inputs.test_images),
+    )
+
+
+def run_trial(
+    cfg: PipelineConfig, spec: TrialSpec, inputs: EvalInputs, report: Report | None = None
+) -> TrialOutcome:
+    """Train and evaluate one trial; ``report`` gets the validation accuracy ``reports`` times.
+
+    The last report (progress 1.0) also holds the test accuracy.
+    """
+    if spec.protocol not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
+    idx = inputs.splits[spec.label_fraction]
+    y = inputs.labeled_labels[idx]
+    val_y, test_y = inputs.labeled_labels[inputs.validation], inputs.test_labels
+    total_reports = 1 if spec.protocol == "knn" else cfg.evaluate.asha.reports
+    reports = 0
+
+    def send(step: int, steps: int, val_accuracy: float, extra: dict[str, float] | None = None) -> None:
+        nonlocal reports
+        reports += 1
+        if report:
+            report({"val_accuracy": val_accuracy, "step": step, "progress": step / steps, **(extra or {})})
+
+    classifier_state = None
+    if spec.protocol in FROZEN:
+        train_x, val_x, test_x = _frozen_features(cfg, inputs, idx)
+        if spec.protocol == "knn":
+            k, temperature = spec.params["k"], spec.params["temperature"]
+
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                return knn_predict(train_x, y, x, inputs.num_classes, k, temperature)
+
+            steps = 1
+        else:
+            settings = LinearProbeConfig.model_validate(spec.params).settings(spec.seed)
+            steps = settings.steps
+
+            def eval_head(step: int, head: nn.Linear) -> None:
+                with torch.no_grad():
+                    send(step, steps, accuracy(head(val_x).argmax(1), val_y))
+
+            head = linear_probe(
+                train_x, y, inputs.num_classes, settings, eval_head, _eval_every(steps, total_reports)
+            )
+            classifier_state = nn.Sequential(trial_encoder(cfg, inputs, pretrained=True), head).state_dict()
+
+            def predict(x: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return head(x).argmax(1)
+
+        val_accuracy, test_predictions = accuracy(predict(val_x), val_y), predict(test_x)
+    else:
+        ft = FinetuneConfig.model_validate(spec.params)
+        steps = ft.steps
+        val_images = inputs.labeled_images[inputs.validation]
+
+        def eval_model(step: int, model: nn.Sequential) -> None:
+            send(step, steps, accuracy(classify(model, val_images), val_y))
+
+        model = finetune(
+            trial_encoder(cfg, inputs, pretrained=spec.protocol == "finetune"),
+            inputs.labeled_images[idx],
+            y,
+            inputs.num_classes,
+            ft.augment.params(),
+            ft.settings(spec.seed),
+            steps,
+            on_eval=eval_model,
+            eval_every=_eval_every(steps, total_reports),
+        )
+        val_accuracy = accuracy(classify(model, val_images), val_y)
+        test_predictions = classify(model, inputs.test_images)
+        classifier_state = model.state_dict()
+    test_accuracy = accuracy(test_predictions, test_y)
+    send(steps, steps, val_accuracy, {"test_accuracy": test_accuracy})
+    return TrialOutcome(val_accuracy, test_accuracy, test_predictions, classifier_state, reports)
+
+
+def _eval_every(steps: int, reports: int) -> int:
+    """Steps between validation reports, so that a trial makes ``reports`` of them (the last at the end)."""
+    return max(1, steps // reports)
+
+
+@dataclass(frozen=True)
+class EvalRow:
+    protocol: str  # knn | linear | finetune | supervised
+    label_fraction: float
+    num_labels: int
+    accuracy: float
+
+
+@dataclass(frozen=True)
 class EvaluationOutput:
     rows: tuple[EvalRow, ...]
-    splits_path: str
-    classifier_path: str
     classes: tuple[str, ...]
 
     def accuracy_of(self, protocol: str, label_fraction: float) -> float | None:
@@ -78,60 +338,26 @@ class EvaluationOutput:
         return [asdict(r) for r in self.rows]
 
 
-def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, pretrained: PretrainOutput) -> EvaluationOutput:
+def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str) -> EvaluationOutput:
+    """Every cell once with its base config and ``cfg.seed``, in process: a quick fixed evaluation."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    ev = cfg.evaluate
-    labeled, test = load_dataset(data.labeled), load_dataset(data.test)
-    assert labeled.labels is not None and test.labels is not None
-    num_classes = len(labeled.classes)
-    encoder = load_encoder(cfg, data, pretrained.encoder_path)
-    train_features = extract_features(encoder, labeled.images)
-    test_features = extract_features(encoder, test.images)
-
-    rows: list[EvalRow] = []
-    splits: dict[str, list[int]] = {}
-    heads: dict[float, nn.Linear] = {}
-    for fraction in sorted(set(ev.label_fractions) | set(ev.finetune_fractions)):
-        idx = stratified_subset(labeled.labels, fraction, cfg.seed)
-        splits[str(fraction)] = idx.tolist()
-        y = labeled.labels[idx]
-        predictions: dict[str, torch.Tensor] = {}
-        if fraction in ev.label_fractions:
-            predictions["knn"] = knn_predict(
-                train_features[idx], y, test_features, num_classes, ev.knn_k, ev.knn_temperature
+    inputs = eval_inputs(cfg, data, encoder_path)
+    rows = []
+    for spec in trial_specs(cfg, cfg.seed, search=False):
+        outcome = run_trial(cfg, spec, inputs)
+        rows.append(
+            EvalRow(
+                spec.protocol,
+                spec.label_fraction,
+                len(inputs.splits[spec.label_fraction]),
+                outcome.test_accuracy,
             )
-            heads[fraction] = linear_probe(train_features[idx], y, num_classes, ev.linear.settings(cfg.seed))
-            with torch.no_grad():
-                predictions["linear"] = heads[fraction](test_features).argmax(1)
-        if fraction in ev.finetune_fractions:
-            args = (
-                labeled.images[idx],
-                y,
-                num_classes,
-                ev.finetune.augment.params(),
-                ev.finetune.settings(cfg.seed),
-                ev.finetune.steps,
-            )
-            predictions["finetune"] = classify(finetune(encoder, *args), test.images)
-            scratch = build_encoder(cfg, data.mean, data.std)
-            predictions["supervised"] = classify(finetune(scratch, *args), test.images)
-        rows += [
-            EvalRow(protocol, fraction, len(idx), accuracy(p, test.labels))
-            for protocol, p in predictions.items()
-        ]
-
-    folder = cfg.workspace_path / "evaluate" / Path(pretrained.encoder_path).parent.name
-    folder.mkdir(parents=True, exist_ok=True)
-    splits_path = folder / "label_splits.json"
-    splits_path.write_text(json.dumps(splits))
-    classifier = nn.Sequential(encoder, heads[max(ev.label_fractions)])
-    classifier_path = folder / "classifier.pt"
-    torch.save(classifier.state_dict(), classifier_path)
-    return EvaluationOutput(tuple(rows), str(splits_path), str(classifier_path), labeled.classes)
+        )
+    return EvaluationOutput(tuple(rows), inputs.classes)
 
 
 def build_classifier(cfg: PipelineConfig, data: PreparedData, num_classes: int) -> nn.Sequential:
-    """The architecture saved at ``EvaluationOutput.classifier_path`` (random weights)."""
+    """The architecture of ``TrialOutcome.classifier_state`` (random weights)."""
     encoder = build_encoder(cfg, data.mean, data.std)
     return nn.Sequential(encoder, nn.Linear(encoder.num_features, num_classes))

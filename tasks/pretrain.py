@@ -305,17 +305,30 @@ def pretrain_encoder(
     folder.mkdir(parents=True, exist_ok=True)
     checkpoint_path = folder / CHECKPOINT_FILE
     torch.save(state, checkpoint_path)
-    encoder_path = folder / "encoder.pt"
-    backbone = {
-        k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")
-    }
-    torch.save(backbone, encoder_path)
     return PretrainOutput(
         checkpoint_path=str(checkpoint_path),
-        encoder_path=str(encoder_path),
+        encoder_path=str(save_encoder(state, folder / "encoder.pt")),
         steps=state["step"],
         resumed_from_step=resumed_from_step,
         history=state["history"],
         run_name=name,
         checkpoint_uri=checkpoint_uri(cfg, name, state["step"]),
     )
+
+
+def save_encoder(state: dict[str, Any], path: Path) -> Path:
+    """The encoder's weights (normalisation included) out of a training checkpoint's model."""
+    encoder = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+    torch.save(encoder, path)
+    return path
+
+
+def encoder_from_checkpoint(cfg: PipelineConfig, checkpoint_path: Path) -> Path:
+    """The encoder of a pretraining checkpoint, checked against this config's model and images."""
+    state = load_checkpoint(checkpoint_path)
+    trained = state.get("config", {})
+    for section, key in (("model", "backbone"), ("data", "channels"), ("data", "image_size")):
+        then, now = trained.get(section, {}).get(key), getattr(getattr(cfg, section), key)
+        if then != now:
+            raise ValueError(f"{section}.{key}: the pretraining run used {then!r}, this config says {now!r}")
+    return save_encoder(state, checkpoint_path.with_name("encoder.pt"))

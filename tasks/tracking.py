@@ -18,13 +18,15 @@ import mlflow
 import numpy as np
 import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
-from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
 from tasks.config import PipelineConfig
 from tasks.data import DatasetRef, PreparedData
-from tasks.evaluate import EvaluationOutput, build_classifier
-from tasks.pretrain import PretrainOutput
+from tasks.evaluate import build_classifier
+from tasks.pretrain import CHECKPOINT_FILE, PretrainOutput
+from tasks.sweep import SweepOutput
 
 
 def tracking_uri(cfg: PipelineConfig) -> str:
@@ -114,12 +116,15 @@ def _dataset_input(cfg: PipelineConfig, ref: DatasetRef) -> DatasetInput:
     return DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
 
 
-def start_run(cfg: PipelineConfig, data: PreparedData) -> str:
+def start_run(
+    cfg: PipelineConfig, data: PreparedData, kind: str = "pretrain", tags: dict[str, str] | None = None
+) -> str:
+    """A run holding the whole config, the data versions as inputs and the lineage tags."""
     client = client_for(cfg)
     run = client.create_run(
         _experiment_id(client, cfg),
-        run_name=f"{cfg.pretrain.method}-{cfg.model.backbone}-{cfg.profile}",
-        tags=lineage_tags(cfg, data),
+        run_name=f"{kind}-{cfg.pretrain.method}-{cfg.model.backbone}-{cfg.profile}",
+        tags={**lineage_tags(cfg, data), "pipeline.step": kind, **(tags or {})},
     )
     params = _flatten(cfg.model_dump(mode="json"))
     params.update(
@@ -189,27 +194,71 @@ def log_pretraining(cfg: PipelineConfig, run_id: str, out: PretrainOutput) -> No
     client.log_artifact(run_id, out.checkpoint_path, "pretrain")
 
 
-def log_evaluation(cfg: PipelineConfig, run_id: str, evaluation: EvaluationOutput) -> None:
+@dataclass(frozen=True)
+class TrialRuns:
+    """MLflow child runs of one sweep run: one per Ray Tune trial, written by the driver."""
+
+    uri: str
+    experiment_id: str
+    parent_run_id: str
+
+    def start(self, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        client = MlflowClient(self.uri)
+        run = client.create_run(
+            self.experiment_id, run_name=name, tags={MLFLOW_PARENT_RUN_ID: self.parent_run_id, **tags}
+        )
+        flat = _flatten(params)
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in flat.items()])
+        return run.info.run_id
+
+    def log(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        MlflowClient(self.uri).log_batch(
+            run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()]
+        )
+
+    def end(self, run_id: str, status: str, tags: dict[str, str]) -> None:
+        client = MlflowClient(self.uri)
+        client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        client.set_terminated(run_id, status)
+
+
+def trial_runs(cfg: PipelineConfig, parent_run_id: str) -> TrialRuns:
     client = client_for(cfg)
+    return TrialRuns(tracking_uri(cfg), client.get_run(parent_run_id).info.experiment_id, parent_run_id)
+
+
+def log_sweep(cfg: PipelineConfig, run_id: str, output: SweepOutput, figures: list[Path]) -> None:
+    """Per cell mean/std and gains, the selected configs, the figures; selected trials tagged."""
+    client = client_for(cfg)
+    params = {f"best.{c.cell}.{k}": json.dumps(v) for c in output.cells for k, v in c.params.items()}
     client.log_batch(
         run_id,
-        metrics=[Metric(k, v, 0, 0) for k, v in evaluation.metrics(cfg.evaluate.primary_protocol).items()],
+        metrics=[Metric(k, v, 0, 0) for k, v in output.metrics().items()],
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag("sweep.name", output.name), RunTag("sweep.best_cell", output.best_cell)],
     )
-    client.log_artifact(run_id, evaluation.splits_path, "evaluation")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "evaluation.json"
-        path.write_text(json.dumps(evaluation.as_dicts(), indent=2))
-        client.log_artifact(run_id, str(path), "evaluation")
+    selected = {(c.protocol, c.label_fraction, json.dumps(c.params, sort_keys=True)) for c in output.cells}
+    for trial in output.trials:
+        searched = {k: trial.spec.params[k] for k in trial.spec.searched}
+        key = (trial.spec.protocol, trial.spec.label_fraction, json.dumps(searched, sort_keys=True))
+        if trial.run_id and trial.test_accuracy is not None:
+            client.set_tag(trial.run_id, "sweep.selected", str(key in selected).lower())
+    for path in figures:
+        client.log_artifact(run_id, str(path), "sweep")
+    client.log_artifact(run_id, str(Path(output.folder) / "label_splits.json"), "sweep")
 
 
-def log_classifier(cfg: PipelineConfig, run_id: str, data: PreparedData, evaluation: EvaluationOutput) -> str:
+def log_classifier(
+    cfg: PipelineConfig, run_id: str, data: PreparedData, state_path: str | Path, classes: tuple[str, ...]
+) -> str:
     """Log encoder + linear head as an MLflow PyTorch model; returns its ``models:/`` URI."""
     client = client_for(cfg)
     # MLflow files a logged model under the fluent API's current experiment, not its source
     # run's (it would land in experiment 0, under ./mlruns): point it at the run's.
     mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    model = build_classifier(cfg, data, len(evaluation.classes))
-    model.load_state_dict(torch.load(evaluation.classifier_path, map_location="cpu", weights_only=True))
+    model = build_classifier(cfg, data, len(classes))
+    model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
     model.eval()
     size = cfg.data.image_size
     example = np.zeros((2, cfg.data.channels, size, size), dtype=np.float32)
@@ -218,9 +267,26 @@ def log_classifier(cfg: PipelineConfig, run_id: str, data: PreparedData, evaluat
         name="classifier",
         input_example=example,
         run_id=run_id,
-        metadata={"classes": list(evaluation.classes), "input": "float32 NCHW in [0, 1]"},
+        metadata={"classes": list(classes), "input": "float32 NCHW in [0, 1]"},
     )
     return info.model_uri
+
+
+def download_checkpoint(cfg: PipelineConfig, run_id: str, folder: Path) -> Path:
+    """The final pretraining checkpoint a pipeline run logged (``pretrain/checkpoint.pt``)."""
+    client = client_for(cfg)
+    try:
+        client.get_run(run_id)
+    except MlflowException as e:
+        raise ValueError(f"--pretrain-run {run_id}: no such MLflow run at {tracking_uri(cfg)}") from e
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        path = client.download_artifacts(run_id, f"pretrain/{CHECKPOINT_FILE}", str(folder))
+    except (MlflowException, OSError) as e:
+        raise ValueError(
+            f"--pretrain-run {run_id}: the run has no pretraining checkpoint (pretrain/{CHECKPOINT_FILE})"
+        ) from e
+    return Path(path)
 
 
 def end_run(cfg: PipelineConfig, run_id: str, status: str = "FINISHED") -> None:

@@ -71,7 +71,7 @@ def test_unknown_key_in_file_is_named(tmp_path: Path) -> None:
 
 def test_digest_changes_with_the_sections_it_covers() -> None:
     a = load_config(PARAMS, "smoke")
-    b = load_config(PARAMS, "smoke", ["evaluate.knn_k=5"])
+    b = load_config(PARAMS, "smoke", ["evaluate.knn.k=5"])
     assert a.digest("pretrain") == b.digest("pretrain")
     assert a.digest() != b.digest()
 

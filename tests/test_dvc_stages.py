@@ -18,7 +18,7 @@ BIN = Path(sys.executable).parent
 def test_dvc_yaml_stages_name_real_params_and_commands() -> None:
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    assert list(stages) == ["prepare", "pretrain", "evaluate"]
+    assert list(stages) == ["prepare", "pretrain", "sweep"]
     for name, stage in stages.items():
         assert stage["cmd"] == f"ssl-pipeline stage {name}"
         for key in stage["params"]:
@@ -48,16 +48,17 @@ def test_dvc_repro_runs_the_stages_and_then_only_what_changed(tmp_path: Path) ->
     dvc("init", "--no-scm", "-q", cwd=repo)
 
     first = dvc("repro", cwd=repo)
-    for stage in ("prepare", "pretrain", "evaluate"):
+    for stage in ("prepare", "pretrain", "sweep"):
         assert f"Running stage '{stage}'" in first
-    metrics = yaml.safe_load((repo / "workspace" / "stages" / "evaluate.json").read_text())
+    metrics = yaml.safe_load((repo / "workspace" / "stages" / "sweep.json").read_text())
     assert 0.1 < metrics["linear_top1_100pct"] <= 1.0
 
     assert "Running stage" not in dvc("repro", cwd=repo)
 
     params = (repo / "params.yaml").read_text()
-    assert "  knn_temperature: 0.1\n" in params
-    (repo / "params.yaml").write_text(params.replace("  knn_temperature: 0.1\n", "  knn_temperature: 0.05\n"))
+    knn = "  knn: {k: 200, temperature: 0.1}\n"
+    assert knn in params
+    (repo / "params.yaml").write_text(params.replace(knn, knn.replace("0.1", "0.05")))
     third = dvc("repro", cwd=repo)
-    assert "Running stage 'evaluate'" in third
+    assert "Running stage 'sweep'" in third
     assert "Running stage 'pretrain'" not in third and "Running stage 'prepare'" not in third

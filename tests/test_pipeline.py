@@ -79,8 +79,13 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     name = "ssl-pipeline-fashion-mnist"
     champion = client.get_model_version_by_alias(name, "champion")
     assert str(champion.version) == "1"
+    # Two runs: the pretraining, and the sweep that evaluated its encoder (the model's run).
     run = client.get_run(champion.run_id)
-    assert run.info.status == "FINISHED"
+    pretraining = client.get_run(run.data.tags["sweep.pretrain_run"])
+    assert champion.tags["pretrain.run_id"] == pretraining.info.run_id
+    assert champion.tags["sweep.run_id"] == run.info.run_id
+    assert run.info.status == pretraining.info.status == "FINISHED"
+    assert (run.data.tags["pipeline.step"], pretraining.data.tags["pipeline.step"]) == ("sweep", "pretrain")
     metrics = run.data.metrics
     for key in (
         "knn_top1_10pct",
@@ -94,7 +99,14 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
         metrics["finetune_top1_10pct"] - metrics["supervised_top1_10pct"]
     )
     assert "At 10% labels, finetune from the pretrained encoder is" in out.stdout
-    history = client.get_metric_history(run.info.run_id, "pretrain_loss")
+    children = client.search_runs(
+        [run.info.experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}'", max_results=1000
+    )
+    assert len(children) > 10 and {c.info.status for c in children} == {"FINISHED"}
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "sweep")}
+    for figure in ("label_efficiency.png", "confusion_matrix.png", "embedding_tsne.png"):
+        assert f"sweep/{figure}" in artifacts
+    history = client.get_metric_history(pretraining.info.run_id, "pretrain_loss")
     assert [m.step for m in history] == [1, 2]
     assert run.data.params["pretrain.method"] == "simclr"
     assert len(run.data.tags["data.unlabeled.sha256"]) == 64
@@ -134,15 +146,20 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     with torch.no_grad():
         predicted = model(test["images"].float() / 255).argmax(1)
     accuracy = (predicted == test["labels"]).float().mean().item()
-    assert accuracy == pytest.approx(metrics["linear_top1_100pct"], abs=1e-6)
+    best = [c for c in children if c.data.tags["sweep.cell"] == run.data.tags["sweep.best_cell"]]
+    best_seed0 = [
+        c for c in best if c.data.params["seed"] == "0" and c.data.tags.get("sweep.selected") == "true"
+    ]
+    assert accuracy == pytest.approx(best_seed0[0].data.metrics["test_accuracy"], abs=1e-6)
 
     # Same data and code again: the pretraining checkpoint is reused, champion stays.
     again = smoke_run(workspace)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "version 2; champion is version 1" in again.stdout
     second = client.get_model_version(name, "2")
-    assert client.get_run(second.run_id).data.tags["pretrain.resumed_from_step"] == str(
-        int(client.get_run(champion.run_id).data.metrics["pretrain_steps"])
+    second_pretraining = client.get_run(second.tags["pretrain.run_id"]).data
+    assert second_pretraining.tags["pretrain.resumed_from_step"] == str(
+        int(pretraining.data.metrics["pretrain_steps"])
     )
 
     # A corrupt image in new data stops the run with one sentence naming the file; what the

@@ -262,9 +262,7 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_an_unreachable_ray_cluster_fails_naming_the_setting(
-    fashion_mnist_dir: Path, tmp_path: Path
-) -> None:
+def test_an_unreachable_ray_cluster_fails_naming_the_setting(fashion_mnist_dir: Path, tmp_path: Path) -> None:
     address = f"127.0.0.1:{closed_port()}"
     command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
     command += [

@@ -2,7 +2,7 @@ from tasks.evaluate import EvalRow, EvaluationOutput, metric_name
 
 
 def output(*rows: EvalRow) -> EvaluationOutput:
-    return EvaluationOutput(rows, "splits.json", "classifier.pt", ("a", "b"))
+    return EvaluationOutput(rows, ("a", "b"))
 
 
 def test_metric_names() -> None:

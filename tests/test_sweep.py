@@ -1,0 +1,227 @@
+"""Label-efficiency sweeps on Ray Tune, on real Fashion-MNIST (the smoke subset) and a real local Ray.
+
+One MLflow parent run per sweep, one child run per trial; the curve the parent logs is made
+of the children's numbers; ASHA stops a trial with a bad learning rate within its own cell;
+frozen features are computed once per (encoder, data version).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from tasks import evaluate, plots, tracking
+from tasks.config import PipelineConfig, load_config
+from tasks.data import PreparedData, prepare_data
+from tasks.evaluate import eval_inputs, feature_cache_path, label_splits, run_trial, trial_specs
+from tasks.pretrain import build_encoder
+from tasks.sweep import run_sweep
+from tests.conftest import REPO
+
+
+def config(workspace: Path, *overrides: str) -> PipelineConfig:
+    return load_config(
+        REPO / "params.yaml", "smoke", [f"workspace={workspace}", "data.dvc.enabled=false", *overrides]
+    )
+
+
+def encoder_file(cfg: PipelineConfig, data: PreparedData, seed: int = 1) -> str:
+    """An encoder's weights as a pretraining leaves them (here: a random init of the backbone)."""
+    path = cfg.workspace_path / f"encoder-{seed}.pt"
+    encoder = build_encoder(cfg.model_copy(update={"seed": seed}), data.mean, data.std)
+    torch.save(encoder.state_dict(), path)
+    return str(path)
+
+
+def children(client: MlflowClient, run_id: str) -> list:  # type: ignore[type-arg]
+    experiment = client.get_run(run_id).info.experiment_id
+    return client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+
+
+def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(tmp_path / "ws")
+    data = prepare_data(cfg)
+    run_id = tracking.start_run(cfg, data, "sweep")
+    output = run_sweep(cfg, data, encoder_file(cfg, data), tracking.trial_runs(cfg, run_id))
+    figures = plots.sweep_figures(output)
+    tracking.log_sweep(cfg, run_id, output, figures)
+    tracking.end_run(cfg, run_id)
+
+    # Every cell of the grid: kNN and linear at 10% and 100%, fine-tune and scratch at 10%.
+    assert {(c.protocol, c.label_fraction) for c in output.cells} == {
+        ("knn", 0.1),
+        ("knn", 1.0),
+        ("linear", 0.1),
+        ("linear", 1.0),
+        ("finetune", 0.1),
+        ("supervised", 0.1),
+    }
+    search = trial_specs(cfg, 0)
+    repeats = [c for c in output.cells if c.protocol != "knn"]  # kNN has no seed to repeat
+    assert len(output.trials) == len(search) + len(repeats)
+
+    client = tracking.client_for(cfg)
+    runs = children(client, run_id)
+    assert len(runs) == len(output.trials)
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    assert {r.info.run_id for r in runs} == {t.run_id for t in output.trials}
+    assert {r.data.tags["sweep.phase"] for r in runs} == {"search", "repeat"}
+
+    # The three figures are PNG artifacts of the parent run.
+    artifacts = tmp_path / "artifacts"
+    client.download_artifacts(run_id, "sweep", str(artifacts))
+    for name in ("label_efficiency.png", "confusion_matrix.png", "embedding_tsne.png"):
+        with Image.open(artifacts / "sweep" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200, name
+
+    # The curve's numbers are the selected child runs' test accuracies, mean and std over seeds.
+    curve = json.loads((artifacts / "sweep" / "label_efficiency.json").read_text())
+    parent = client.get_run(run_id).data
+    assert len(curve) == len(output.cells)
+    for point in curve:
+        cell = f"{point['protocol']}-{evaluate.percent(point['label_fraction'])}"
+        selected = [
+            r
+            for r in runs
+            if r.data.tags["sweep.cell"] == cell and r.data.tags.get("sweep.selected") == "true"
+        ]
+        accuracies = [r.data.metrics["test_accuracy"] for r in selected]
+        assert len(accuracies) == point["n"] == (1 if point["protocol"] == "knn" else 2), cell
+        assert sorted(int(r.data.params["seed"]) for r in selected) == list(range(point["n"]))
+        assert point["mean"] == pytest.approx(np.mean(accuracies), abs=1e-9), cell
+        assert point["std"] == pytest.approx(np.std(accuracies, ddof=1) if len(accuracies) > 1 else 0.0), cell
+        name = evaluate.metric_name(point["protocol"], point["label_fraction"])
+        assert parent.metrics[name] == pytest.approx(point["mean"])
+        for key, value in point["params"].items():  # the selected config, in the parent's params
+            assert json.loads(parent.params[f"best.{cell}.{key}"]) == value
+            assert {r.data.params[key] for r in selected} == {str(value)}
+        # Selection used validation accuracy: no other finished trial of the cell beat it there.
+        best_val = max(r.data.metrics["val_accuracy"] for r in selected if r.data.params["seed"] == "0")
+        rivals = [
+            r for r in runs if r.data.tags["sweep.cell"] == cell and r.data.tags["sweep.phase"] == "search"
+        ]
+        assert best_val == max(
+            r.data.metrics["val_accuracy"] for r in rivals if "test_accuracy" in r.data.metrics
+        )
+    assert parent.metrics["gain_finetune_vs_supervised_10pct"] == pytest.approx(
+        parent.metrics["finetune_top1_10pct"] - parent.metrics["supervised_top1_10pct"]
+    )
+    assert parent.tags["sweep.best_cell"] == output.best_cell
+
+
+def test_asha_stops_a_trial_with_a_bad_learning_rate_before_its_budget(
+    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    cfg = config(
+        tmp_path / "ws",
+        "evaluate.label_fractions=[1.0]",
+        "evaluate.finetune_fractions=[1.0]",
+        "evaluate.seeds=[0]",
+        "evaluate.finetune.steps=40",
+        "evaluate.search.finetune.lr=[0.001, 10.0]",  # 10 diverges at once
+        "evaluate.asha.reports=4",
+        "evaluate.max_concurrent_trials=1",  # the good trial reaches each rung first
+    )
+    data = prepare_data(cfg)
+    run_id = tracking.start_run(cfg, data, "sweep")
+    output = run_sweep(cfg, data, encoder_file(cfg, data), tracking.trial_runs(cfg, run_id))
+
+    by_name = {t.spec.name: t for t in output.trials}
+    for protocol in ("finetune", "supervised"):
+        good, bad = by_name[f"{protocol}-100pct-lr0.001-seed0"], by_name[f"{protocol}-100pct-lr10-seed0"]
+        assert not good.stopped_early and good.reports == 4 and good.test_accuracy is not None
+        assert bad.stopped_early and bad.reports < 4 and bad.test_accuracy is None
+        assert bad.val_accuracy < good.val_accuracy  # type: ignore[operator]
+        run = tracking.client_for(cfg).get_run(bad.run_id)  # type: ignore[arg-type]
+        assert run.info.status == "FINISHED" and run.data.tags["sweep.stopped_early"] == "true"
+        assert run.data.metrics["progress"] < 1.0 and "test_accuracy" not in run.data.metrics
+    # The other cells' trials were never compared with these: none of them was stopped.
+    assert all(not t.stopped_early for t in output.trials if t.spec.protocol in ("knn", "linear"))
+
+
+def test_label_splits_are_disjoint_from_validation_stratified_and_nested(fashion_mnist_dir: Path) -> None:
+    labels = torch.arange(10).repeat_interleave(100)
+    validation, splits = label_splits(labels, [0.1, 0.5, 1.0], 200, seed=0)
+    assert len(validation) == 200 and torch.bincount(labels[validation]).tolist() == [20] * 10
+    for fraction, idx in splits.items():
+        assert not set(idx.tolist()) & set(validation.tolist())
+        assert torch.bincount(labels[idx]).tolist() == [round(fraction * 80)] * 10
+    assert len(splits[1.0]) == 800
+    with pytest.raises(ValueError, match=r"evaluate.validation_size: 1000 is not below the 1000"):
+        label_splits(labels, [0.1], 1000, seed=0)
+
+
+def test_features_are_cached_per_encoder_and_data_version_and_match_per_trial_extraction(
+    fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cfg = config(tmp_path / "ws")
+    data = prepare_data(cfg)
+    encoder = encoder_file(cfg, data)
+    cached = eval_inputs(cfg, data, encoder)
+    path = feature_cache_path(cfg, data, encoder)
+    assert path.exists() and cached.features is not None
+    assert feature_cache_path(cfg, data, encoder_file(cfg, data, seed=2)) != path
+
+    calls = []
+    real = evaluate.extract_features
+    monkeypatch.setattr(evaluate, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = eval_inputs(cfg, data, encoder)  # from disk, nothing recomputed
+    assert calls == [] and torch.equal(again.features.labeled, cached.features.labeled)  # type: ignore[union-attr]
+
+    uncached = eval_inputs(
+        cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"feature_cache": False})}),
+        data,
+        encoder,
+    )
+    assert uncached.features is None
+    for spec in [s for s in trial_specs(cfg, 0) if s.protocol in ("knn", "linear")]:
+        with_cache, without = run_trial(cfg, spec, cached), run_trial(cfg, spec, uncached)
+        assert without.test_accuracy == pytest.approx(with_cache.test_accuracy, abs=4e-3), spec.name
+    assert calls  # the uncached trials extracted their own features
+
+
+@pytest.mark.slow
+def test_sweep_command_evaluates_the_encoder_of_a_pretraining_run(
+    fashion_mnist_dir: Path, tmp_path: Path
+) -> None:
+    import re
+
+    from tests.test_pipeline import run_cli
+
+    workspace = tmp_path / "ws"
+    sets = [a for key in (f"workspace={workspace}", "data.dvc.enabled=false") for a in ("--set", key)]
+    common = ["--config", str(REPO / "params.yaml"), "--profile", "smoke", *sets]
+
+    missing = run_cli("sweep", "--pretrain-run", "0" * 32, *common, cwd=tmp_path)
+    assert missing.returncode == 1
+    assert f"--pretrain-run {'0' * 32}: no such MLflow run" in missing.stdout
+
+    pretrained = run_cli("pretrain", *common, cwd=tmp_path)
+    assert pretrained.returncode == 0, pretrained.stdout + pretrained.stderr
+    pretrain_run = re.search(r"MLflow run (\w+)\.", pretrained.stdout).group(1)  # type: ignore[union-attr]
+
+    other = run_cli(
+        "sweep", "--pretrain-run", pretrain_run, *common, "--set", "model.backbone=tiny_cnn", cwd=tmp_path
+    )
+    assert other.returncode == 1
+    assert "model.backbone: the pretraining run used 'small_cnn', this config says 'tiny_cnn'" in other.stdout
+
+    swept = run_cli("sweep", "--pretrain-run", pretrain_run, *common, cwd=tmp_path)
+    assert swept.returncode == 0, swept.stdout + swept.stderr
+    assert (
+        "fine-tune" in swept.stdout
+        and "At 10% labels, finetune from the pretrained encoder is" in swept.stdout
+    )
+    sweep_run = re.search(r"MLflow sweep run (\w+);", swept.stdout).group(1)  # type: ignore[union-attr]
+    uri = f"sqlite:///{workspace / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(sweep_run)
+    assert run.data.tags["sweep.pretrain_run"] == pretrain_run and run.info.status == "FINISHED"
+    assert 0.1 < run.data.metrics["linear_top1_100pct"] <= 1.0

@@ -74,7 +74,7 @@ def results_table(output) -> Table:  # type: ignore[no-untyped-def]
         table.add_column(column, justify="right")
     for fraction in sorted({c.label_fraction for c in output.cells}):
         cells = {
-            c.protocol: f"{100 * c.mean:.1f} ± {100 * c.std:.1f}"
+            c.protocol: f"{100 * c.mean:.1f}" + (f" ± {100 * c.std:.1f}" if len(c.seeds) > 1 else "")
             for c in output.cells
             if c.label_fraction == fraction
         }

@@ -41,7 +41,7 @@ CLUSTER_IMAGE = "ghcr.io/ssl-pipeline/ssl-pipeline:0.1.0"
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
-def _progress_logger() -> logging.Logger:
+def progress_logger() -> logging.Logger:
     """Epoch lines on the worker's stdout, which Ray forwards to the driver's console."""
     logger = logging.getLogger("ssl_pipeline.progress")
     if not logger.handlers:
@@ -244,7 +244,7 @@ def train_worker(config: dict[str, Any]) -> None:
     on_epoch_end: Callable[[dict[str, float]], None] | None = config.get("on_epoch_end")
 
     def epoch_end(row: dict[str, float]) -> None:
-        _progress_logger().info(
+        progress_logger().info(
             "pretrain epoch %d/%d  loss %.4f  %.0f images/s",
             row["epoch"],
             cfg.pretrain.epochs,

@@ -14,6 +14,7 @@ trial, from Tune's callbacks), so a trial stopped early or killed still ends its
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import time
 from collections.abc import Sequence
@@ -42,7 +43,7 @@ from tasks.evaluate import (
     trial_encoder,
     trial_specs,
 )
-from tasks.pretrain import connect, storage
+from tasks.pretrain import connect, progress_logger, storage
 
 METRIC = "val_accuracy"
 CLASSIFIER_FILE = "classifier.pt"
@@ -141,6 +142,7 @@ class RecordTrials(tune.Callback):
         self.runs, self.phase = runs, phase
         self.run_ids: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
+        self.completed = 0
 
     def on_trial_start(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         if self.runs is None or trial.trial_id in self.run_ids:  # a restarted trial keeps its run
@@ -166,9 +168,21 @@ class RecordTrials(tune.Callback):
 
     def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "FINISHED")
+        last = self.last.get(trial.trial_id, {})
+        outcome = (
+            f"test {100 * last['test_accuracy']:.1f}%"
+            if "test_accuracy" in last
+            else f"stopped by ASHA at {100 * last.get('progress', 0):.0f}% of its steps"
+        )
+        self.completed += 1
+        progress_logger().info(
+            f"{self.phase} trial {self.completed}/{len(trials)} {spec_of(trial.config).name}: "
+            f"val {100 * last.get(METRIC, 0):.1f}%, {outcome}"
+        )
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "FAILED")
+        progress_logger().info(f"{self.phase} trial {spec_of(trial.config).name} failed: {trial.error_file}")
 
 
 @dataclass(frozen=True)
@@ -279,6 +293,8 @@ def _fit(
     callback: RecordTrials,
 ) -> tune.ResultGrid:
     ev = cfg.evaluate
+    # Tune's console tables would bury the per-trial lines above (RAY_AIR_NEW_OUTPUT=1: keep them).
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     resources = {"cpu": ev.cpus_per_trial, "gpu": ev.gpus_per_trial}
     storage_path, filesystem = storage(cfg)
     tuner = tune.Tuner(

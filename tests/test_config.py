@@ -87,3 +87,22 @@ def test_sections_become_the_loop_settings() -> None:
     )
     finetune = cfg.evaluate.finetune.settings(seed=1)
     assert (finetune.lr, finetune.batch_size) == (cfg.evaluate.finetune.lr, cfg.evaluate.finetune.batch_size)
+
+
+def test_search_grid_names_a_bad_key_or_value_and_puts_the_base_config_first() -> None:
+    with pytest.raises(
+        ConfigError, match=r"evaluate.search.linear.momentum: not a linear setting; choose from"
+    ):
+        load_config(PARAMS, overrides=["evaluate.search.linear.momentum=[0.9]"])
+    with pytest.raises(ConfigError, match=r"evaluate.search.finetune.lr: .*greater than 0 \(got -0.1\)"):
+        load_config(PARAMS, overrides=["evaluate.search.finetune.lr=[0.001, -0.1]"])
+    with pytest.raises(ConfigError, match=r"evaluate.asha.grace_period: at most reports \(4\), got 5"):
+        load_config(PARAMS, overrides=["evaluate.asha.grace_period=5"])
+    cfg = load_config(PARAMS, overrides=["evaluate.search.linear={lr: [0.1, 0.01], steps: [10, 500]}"])
+    grid = cfg.evaluate.grid("linear")
+    assert len(grid) == 4 and (grid[0]["lr"], grid[0]["steps"]) == (
+        cfg.evaluate.linear.lr,
+        cfg.evaluate.linear.steps,
+    )
+    assert {(p["lr"], p["steps"]) for p in grid} == {(0.1, 10), (0.1, 500), (0.01, 10), (0.01, 500)}
+    assert cfg.evaluate.grid("supervised") == cfg.evaluate.grid("finetune")

@@ -204,13 +204,13 @@ class TrialOutcome:
 
 
 def _frozen_features(
-    cfg: PipelineConfig, inputs: EvalInputs, train_idx: torch.Tensor
+    cfg: PipelineConfig, inputs: EvalInputs, train_idx: torch.Tensor, device: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(train, validation, test) features: from the cache, or extracted for this trial only."""
     if inputs.features is not None:
         labeled = inputs.features.labeled
         return labeled[train_idx], labeled[inputs.validation], inputs.features.test
-    encoder = trial_encoder(cfg, inputs, pretrained=True)
+    encoder = trial_encoder(cfg, inputs, pretrained=True).to(device)
     images = inputs.labeled_images
     return (
         extract_features(encoder, images[train_idx]),
@@ -220,11 +220,16 @@ def _frozen_features(
 
 
 def run_trial(
-    cfg: PipelineConfig, spec: TrialSpec, inputs: EvalInputs, report: Report | None = None
+    cfg: PipelineConfig,
+    spec: TrialSpec,
+    inputs: EvalInputs,
+    report: Report | None = None,
+    device: str = "cpu",
 ) -> TrialOutcome:
     """Train and evaluate one trial; ``report`` gets the validation accuracy ``reports`` times.
 
-    The last report (progress 1.0) also holds the test accuracy.
+    The last report (progress 1.0) also holds the test accuracy. ``device`` runs the encoder
+    (fine-tuning, or features the cache does not hold); heads on features stay on the CPU.
     """
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
@@ -242,7 +247,7 @@ def run_trial(
 
     classifier_state = None
     if spec.protocol in FROZEN:
-        train_x, val_x, test_x = _frozen_features(cfg, inputs, idx)
+        train_x, val_x, test_x = _frozen_features(cfg, inputs, idx, device)
         if spec.protocol == "knn":
             k, temperature = spec.params["k"], spec.params["temperature"]
 
@@ -284,20 +289,22 @@ def run_trial(
             ft.augment.params(),
             ft.settings(spec.seed),
             steps,
+            device=device,
             on_eval=eval_model,
             eval_every=_eval_every(steps, total_reports),
         )
         val_accuracy = accuracy(classify(model, val_images), val_y)
         test_predictions = classify(model, inputs.test_images)
-        classifier_state = model.state_dict()
+        classifier_state = {k: v.cpu() for k, v in model.state_dict().items()}
     test_accuracy = accuracy(test_predictions, test_y)
     send(steps, steps, val_accuracy, {"test_accuracy": test_accuracy})
     return TrialOutcome(val_accuracy, test_accuracy, test_predictions, classifier_state, reports)
 
 
 def _eval_every(steps: int, reports: int) -> int:
-    """Steps between validation reports, so that a trial makes ``reports`` of them (the last at the end)."""
-    return max(1, steps // reports)
+    """Steps between validation reports: at most ``reports`` of them, the last one at the end
+    (ASHA stops a trial at its ``reports``-th)."""
+    return max(1, -(-steps // reports))
 
 
 @dataclass(frozen=True)

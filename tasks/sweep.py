@@ -58,8 +58,9 @@ def spec_of(config: dict[str, Any]) -> TrialSpec:
 def trainable(config: dict[str, Any], cfg: PipelineConfig, inputs: EvalInputs) -> None:
     """One Tune trial: validation reports while training, then test accuracy and the model."""
     spec = spec_of(config)
-    threads = int(tune.get_context().get_trial_resources().required_resources.get("CPU", 1))
-    torch.set_num_threads(max(1, threads))
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    device = "cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
     last: dict[str, float] = {}
 
     def report(metrics: dict[str, float]) -> None:
@@ -68,7 +69,7 @@ def trainable(config: dict[str, Any], cfg: PipelineConfig, inputs: EvalInputs) -
         else:
             tune.report(metrics)
 
-    outcome = run_trial(cfg, spec, inputs, report)
+    outcome = run_trial(cfg, spec, inputs, report, device)
     with tempfile.TemporaryDirectory() as folder:
         torch.save(outcome.test_predictions, Path(folder) / PREDICTIONS_FILE)
         if outcome.classifier_state is not None:

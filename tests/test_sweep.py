@@ -225,3 +225,10 @@ def test_sweep_command_evaluates_the_encoder_of_a_pretraining_run(
     run = MlflowClient(uri).get_run(sweep_run)
     assert run.data.tags["sweep.pretrain_run"] == pretrain_run and run.info.status == "FINISHED"
     assert 0.1 < run.data.metrics["linear_top1_100pct"] <= 1.0
+
+
+@pytest.mark.parametrize(("steps", "reports"), [(10, 4), (300, 4), (20, 2), (5, 4), (1, 4), (7, 7)])
+def test_a_trial_reports_at_most_asha_reports_times_the_last_at_its_end(steps: int, reports: int) -> None:
+    every = evaluate._eval_every(steps, reports)
+    made = [s for s in range(1, steps) if s % every == 0] + [steps]
+    assert len(made) <= reports and made[-1] == steps

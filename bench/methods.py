@@ -100,8 +100,8 @@ def main() -> None:
         }
         for fraction in (0.01, 0.1):
             for protocol in ("knn", "linear"):
-                accuracy = evaluation.accuracy_of(protocol, fraction)
-                row[f"{protocol}_{round(fraction * 100)}pct"] = round(100 * accuracy, 1) if accuracy else None
+                cell = evaluation.cell(protocol, fraction)
+                row[f"{protocol}_{round(fraction * 100)}pct"] = round(100 * cell.mean, 1) if cell else None
         rows.append(row)
         print(json.dumps(row), flush=True)
         RESULTS.write_text(json.dumps(report(args, base, rows), indent=2) + "\n")

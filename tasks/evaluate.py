@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -183,8 +184,7 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     )
     if not ev.feature_cache:
         return inputs
-    features = cached_features(cfg, data, encoder_path, inputs)
-    return EvalInputs(**{**inputs.__dict__, "features": features})
+    return replace(inputs, features=cached_features(cfg, data, encoder_path, inputs))
 
 
 def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, pretrained: bool) -> Encoder:
@@ -308,60 +308,90 @@ def _eval_every(steps: int, reports: int) -> int:
 
 
 @dataclass(frozen=True)
-class EvalRow:
-    protocol: str  # knn | linear | finetune | supervised
+class CellResult:
+    """One (protocol, label fraction) cell: its selected config's test accuracy over seeds."""
+
+    protocol: str
     label_fraction: float
     num_labels: int
-    accuracy: float
+    params: dict[str, Any]  # the selected config's searched keys
+    seeds: tuple[int, ...]
+    test_accuracies: tuple[float, ...]
+    val_accuracies: tuple[float, ...]
+    run_ids: tuple[str, ...] = ()  # the trials' MLflow runs, when tracked
+
+    @property
+    def cell(self) -> str:
+        return f"{self.protocol}-{percent(self.label_fraction)}"
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.test_accuracies))
+
+    @property
+    def std(self) -> float:
+        return float(np.std(self.test_accuracies, ddof=1)) if len(self.test_accuracies) > 1 else 0.0
 
 
 @dataclass(frozen=True)
-class EvaluationOutput:
-    rows: tuple[EvalRow, ...]
-    classes: tuple[str, ...]
+class LabelEfficiency:
+    cells: tuple[CellResult, ...]
 
-    def accuracy_of(self, protocol: str, label_fraction: float) -> float | None:
-        for row in self.rows:
-            if row.protocol == protocol and row.label_fraction == label_fraction:
-                return row.accuracy
-        return None
+    def cell(self, protocol: str, label_fraction: float) -> CellResult | None:
+        return next(
+            (c for c in self.cells if c.protocol == protocol and c.label_fraction == label_fraction), None
+        )
 
     def gains_over_supervised(self, protocol: str) -> dict[float, float]:
-        """Accuracy of ``protocol`` minus supervised-from-scratch, at each fraction that has both."""
+        """Mean accuracy of ``protocol`` minus supervised-from-scratch, at each fraction that has both."""
         gains = {}
-        for row in self.rows:
-            baseline = self.accuracy_of("supervised", row.label_fraction)
-            if row.protocol == protocol and baseline is not None:
-                gains[row.label_fraction] = row.accuracy - baseline
+        for c in self.cells:
+            baseline = self.cell("supervised", c.label_fraction)
+            if c.protocol == protocol and baseline is not None:
+                gains[c.label_fraction] = c.mean - baseline.mean
         return gains
 
-    def metrics(self, primary_protocol: str) -> dict[str, float]:
-        metrics = {metric_name(r.protocol, r.label_fraction): r.accuracy for r in self.rows}
-        for fraction, gain in self.gains_over_supervised(primary_protocol).items():
-            metrics[f"gain_{primary_protocol}_vs_supervised_{percent(fraction)}"] = gain
+    def metrics(self) -> dict[str, float]:
+        """Per cell the mean and std of test accuracy, and each protocol's gain over scratch."""
+        metrics = {}
+        for c in self.cells:
+            metrics[metric_name(c.protocol, c.label_fraction)] = c.mean
+            metrics[metric_name(c.protocol, c.label_fraction) + "_std"] = c.std
+        for protocol in ("knn", "linear", "finetune"):
+            for fraction, gain in self.gains_over_supervised(protocol).items():
+                metrics[f"gain_{protocol}_vs_supervised_{percent(fraction)}"] = gain
         return metrics
 
-    def as_dicts(self) -> list[dict[str, float | str | int]]:
-        return [asdict(r) for r in self.rows]
+    def curve(self) -> list[dict[str, Any]]:
+        """The label-efficiency curve's points (what the PNG plots)."""
+        return [
+            {
+                "protocol": c.protocol,
+                "label_fraction": c.label_fraction,
+                "num_labels": c.num_labels,
+                "mean": c.mean,
+                "std": c.std,
+                "n": len(c.test_accuracies),
+                "params": c.params,
+            }
+            for c in self.cells
+        ]
 
 
-def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str) -> EvaluationOutput:
+def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str) -> LabelEfficiency:
     """Every cell once with its base config and ``cfg.seed``, in process: a quick fixed evaluation."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     inputs = eval_inputs(cfg, data, encoder_path)
-    rows = []
+    cells = []
     for spec in trial_specs(cfg, cfg.seed, search=False):
         outcome = run_trial(cfg, spec, inputs)
-        rows.append(
-            EvalRow(
-                spec.protocol,
-                spec.label_fraction,
-                len(inputs.splits[spec.label_fraction]),
-                outcome.test_accuracy,
-            )
+        num_labels = len(inputs.splits[spec.label_fraction])
+        accuracies = ((outcome.test_accuracy,), (outcome.val_accuracy,))
+        cells.append(
+            CellResult(spec.protocol, spec.label_fraction, num_labels, {}, (spec.seed,), *accuracies)
         )
-    return EvaluationOutput(tuple(rows), inputs.classes)
+    return LabelEfficiency(tuple(cells))
 
 
 def build_classifier(cfg: PipelineConfig, data: PreparedData, num_classes: int) -> nn.Sequential:

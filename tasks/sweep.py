@@ -33,12 +33,12 @@ from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
     DETERMINISTIC,
+    CellResult,
     EvalInputs,
+    LabelEfficiency,
     TrialSpec,
     encoder_digest,
     eval_inputs,
-    metric_name,
-    percent,
     run_trial,
     trial_encoder,
     trial_specs,
@@ -199,76 +199,13 @@ class TrialRecord:
 
 
 @dataclass(frozen=True)
-class CellResult:
-    protocol: str
-    label_fraction: float
-    num_labels: int
-    params: dict[str, Any]  # the selected config
-    seeds: tuple[int, ...]
-    test_accuracies: tuple[float, ...]
-    val_accuracies: tuple[float, ...]
-
-    @property
-    def cell(self) -> str:
-        return f"{self.protocol}-{percent(self.label_fraction)}"
-
-    @property
-    def mean(self) -> float:
-        return float(np.mean(self.test_accuracies))
-
-    @property
-    def std(self) -> float:
-        return float(np.std(self.test_accuracies, ddof=1)) if len(self.test_accuracies) > 1 else 0.0
-
-
-@dataclass(frozen=True)
-class SweepOutput:
-    name: str
-    folder: str  # the driver's copy of the best model, its test predictions and the figures' data
-    cells: tuple[CellResult, ...]
-    trials: tuple[TrialRecord, ...]
-    best_cell: str  # the cell whose model is the sweep's best (by validation accuracy)
-    classes: tuple[str, ...]
+class SweepOutput(LabelEfficiency):
+    name: str = ""
+    folder: str = ""  # the driver's copy of the best model, its test predictions and the figures' data
+    trials: tuple[TrialRecord, ...] = ()
+    best_cell: str = ""  # the cell whose model is the sweep's best (by validation accuracy)
+    classes: tuple[str, ...] = ()
     seconds: float = 0.0  # wall time, from the data to the saved best model
-
-    def cell(self, protocol: str, label_fraction: float) -> CellResult | None:
-        return next(
-            (c for c in self.cells if c.protocol == protocol and c.label_fraction == label_fraction), None
-        )
-
-    def gains_over_supervised(self, protocol: str) -> dict[float, float]:
-        gains = {}
-        for c in self.cells:
-            baseline = self.cell("supervised", c.label_fraction)
-            if c.protocol == protocol and baseline is not None:
-                gains[c.label_fraction] = c.mean - baseline.mean
-        return gains
-
-    def metrics(self) -> dict[str, float]:
-        """Per cell the mean and std of test accuracy, and each protocol's gain over scratch."""
-        metrics = {}
-        for c in self.cells:
-            metrics[metric_name(c.protocol, c.label_fraction)] = c.mean
-            metrics[metric_name(c.protocol, c.label_fraction) + "_std"] = c.std
-        for protocol in ("knn", "linear", "finetune"):
-            for fraction, gain in self.gains_over_supervised(protocol).items():
-                metrics[f"gain_{protocol}_vs_supervised_{percent(fraction)}"] = gain
-        return metrics
-
-    def curve(self) -> list[dict[str, Any]]:
-        """The label-efficiency curve's points (what the PNG plots)."""
-        return [
-            {
-                "protocol": c.protocol,
-                "label_fraction": c.label_fraction,
-                "num_labels": c.num_labels,
-                "mean": c.mean,
-                "std": c.std,
-                "n": len(c.test_accuracies),
-                "params": c.params,
-            }
-            for c in self.cells
-        ]
 
     @property
     def best_model_path(self) -> Path:
@@ -408,6 +345,7 @@ def run_sweep(
                 tuple(r.spec.seed for r in runs_of_cell),
                 tuple(float(r.test_accuracy) for r in runs_of_cell),  # type: ignore[arg-type]
                 tuple(float(r.val_accuracy) for r in runs_of_cell),  # type: ignore[arg-type]
+                tuple(r.run_id or "" for r in runs_of_cell),
             )
         )
     cells.sort(
@@ -420,7 +358,7 @@ def run_sweep(
     _save_best(cfg, inputs, best, folder)
     seconds = time.perf_counter() - start
     return SweepOutput(
-        name, str(folder), tuple(cells), tuple(records), best.spec.cell, inputs.classes, seconds
+        tuple(cells), name, str(folder), tuple(records), best.spec.cell, inputs.classes, seconds
     )
 
 

@@ -238,12 +238,10 @@ def log_sweep(cfg: PipelineConfig, run_id: str, output: SweepOutput, figures: li
         params=[Param(k, v) for k, v in params.items()],
         tags=[RunTag("sweep.name", output.name), RunTag("sweep.best_cell", output.best_cell)],
     )
-    selected = {(c.protocol, c.label_fraction, json.dumps(c.params, sort_keys=True)) for c in output.cells}
+    selected = {run_id for c in output.cells for run_id in c.run_ids}
     for trial in output.trials:
-        searched = {k: trial.spec.params[k] for k in trial.spec.searched}
-        key = (trial.spec.protocol, trial.spec.label_fraction, json.dumps(searched, sort_keys=True))
         if trial.run_id and trial.test_accuracy is not None:
-            client.set_tag(trial.run_id, "sweep.selected", str(key in selected).lower())
+            client.set_tag(trial.run_id, "sweep.selected", str(trial.run_id in selected).lower())
     for path in figures:
         client.log_artifact(run_id, str(path), "sweep")
     client.log_artifact(run_id, str(Path(output.folder) / "label_splits.json"), "sweep")

@@ -219,6 +219,8 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg: PipelineConfig = config["cfg"]
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    # Ray Train logs two INFO lines per checkpoint from each worker; the epoch lines say enough.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     rank = ray.train.get_context().get_world_rank()
     images = torch.from_numpy(ray.get(config["images"]).copy())  # the object store's copy is read-only
     encoder = build_encoder(cfg, config["mean"], config["std"])

@@ -45,6 +45,11 @@ def percent(label_fraction: float) -> str:
     return f"{label_fraction * 100:g}pct".replace(".", "_")
 
 
+def cell_name(protocol: str, label_fraction: float) -> str:
+    """E.g. ``linear-1pct``: a (protocol, label fraction) cell of the sweep."""
+    return f"{protocol}-{percent(label_fraction)}"
+
+
 def metric_name(protocol: str, label_fraction: float) -> str:
     """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
     return f"{protocol}_top1_{percent(label_fraction)}"
@@ -60,7 +65,7 @@ class TrialSpec:
 
     @property
     def cell(self) -> str:
-        return f"{self.protocol}-{percent(self.label_fraction)}"
+        return cell_name(self.protocol, self.label_fraction)
 
     @property
     def name(self) -> str:
@@ -322,7 +327,7 @@ class CellResult:
 
     @property
     def cell(self) -> str:
-        return f"{self.protocol}-{percent(self.label_fraction)}"
+        return cell_name(self.protocol, self.label_fraction)
 
     @property
     def mean(self) -> float:
@@ -357,7 +362,7 @@ class LabelEfficiency:
         for c in self.cells:
             metrics[metric_name(c.protocol, c.label_fraction)] = c.mean
             metrics[metric_name(c.protocol, c.label_fraction) + "_std"] = c.std
-        for protocol in ("knn", "linear", "finetune"):
+        for protocol in PROTOCOLS[:-1]:  # all but the baseline itself
             for fraction, gain in self.gains_over_supervised(protocol).items():
                 metrics[f"gain_{protocol}_vs_supervised_{percent(fraction)}"] = gain
         return metrics

@@ -33,6 +33,7 @@ from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
     DETERMINISTIC,
+    PROTOCOLS,
     CellResult,
     EvalInputs,
     LabelEfficiency,
@@ -348,9 +349,7 @@ def run_sweep(
                 tuple(r.run_id or "" for r in runs_of_cell),
             )
         )
-    cells.sort(
-        key=lambda c: (c.label_fraction, ("knn", "linear", "finetune", "supervised").index(c.protocol))
-    )
+    cells.sort(key=lambda c: (c.label_fraction, PROTOCOLS.index(c.protocol)))
     with_model = [c for c in cells if c.protocol in ("linear", "finetune")]
     best_cell = max(with_model, key=lambda c: float(np.mean(c.val_accuracies)))
     best = selected[best_cell.cell]

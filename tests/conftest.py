@@ -41,6 +41,24 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.fixture(scope="session")
+def mlflow_server(request: pytest.FixtureRequest, s3_server, tmp_path_factory: pytest.TempPathFactory):
+    """A real `mlflow server` (loopback, free port) proxying artifacts to ``s3_server``, shared by the
+    session's tests, so name experiments and models uniquely. Its store is SQLite, or PostgreSQL with
+    ``@pytest.mark.parametrize("mlflow_server", ["postgresql"], indirect=True)``."""
+    from tests.mlflow_server import MlflowServer, find_postgres
+
+    backend = getattr(request, "param", "sqlite")
+    if backend == "postgresql":
+        try:
+            find_postgres()
+        except FileNotFoundError as e:
+            pytest.skip(str(e))
+    data_dir = tmp_path_factory.mktemp(f"mlflow-{backend}")
+    with MlflowServer(data_dir, s3_server, bucket=f"mlflow-{backend}", backend=backend) as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
 def ray_cluster() -> str:
     """A local Ray instance shared by the session's tests (``tasks.pretrain`` joins it); its address."""
     import ray

@@ -124,10 +124,11 @@ def run(
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - start
     gains = print_sweep(cfg, result.sweep.sweep)
+    outcome = result.promotion
     console.print(
-        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}; "
-        f"registered model '{cfg.tracking.registered_model}' version {result.model_version}; "
-        f"champion is version {result.champion_version}. {seconds:.0f} s.",
+        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}. "
+        f"Registered model '{cfg.tracking.registered_model}': {outcome.summary()}. "
+        f"The champion is version {outcome.champion}. {seconds:.0f} s.",
         highlight=False,
     )
     if report:
@@ -151,6 +152,13 @@ def run(
                     "stopped_early": sum(t.stopped_early for t in result.sweep.sweep.trials),
                     "primary_protocol": cfg.evaluate.primary_protocol,
                     "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
+                    "pretrain_run_id": result.pretraining.run_id,
+                    "sweep_run_id": result.sweep.run_id,
+                    "model_version": outcome.version,
+                    "registered": outcome.registered,
+                    "promotion": outcome.decision.outcome,
+                    "promotion_reason": outcome.decision.reason,
+                    "champion_version": outcome.champion,
                     "command": " ".join(["ssl-pipeline", *sys.argv[1:]]),
                 },
                 indent=2,
@@ -250,6 +258,147 @@ def stage(
     from flows.stages import run_stage
 
     console.print(f"{name}: wrote {run_stage(name, cfg)}")
+
+
+def _registry_call(what: str, fn, *args, **kwargs):  # type: ignore[no-untyped-def]
+    """Run a registry operation; a refusal or a server error ends the command with one sentence."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.registry import PromotionError
+
+    try:
+        return fn(*args, **kwargs)
+    except PromotionError as e:
+        console.print(f"[red]{what}:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+    except (MlflowException, OSError) as e:
+        console.print(f"[red]{what} failed, the registry is unchanged:[/red] {e}", highlight=False)
+        raise typer.Exit(1) from None
+
+
+@app.command()
+def promote(
+    version: Annotated[str, typer.Argument(help="The registered model version to promote.")],
+    force: Annotated[bool, typer.Option(help="Promote even if the gate says no (needs --reason).")] = False,
+    reason: Annotated[str | None, typer.Option(help="Why the gate is overruled (kept in the tags).")] = None,
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Put a version through the promotion gate against the champion; exit 1 if it is not promoted."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from tasks.registry import promote as promote_version
+
+    outcome = _registry_call("promote", promote_version, cfg, version, force, reason)
+    console.print(outcome.summary(), highlight=False)
+    if not outcome.decision.promote:
+        raise typer.Exit(1)
+
+
+@app.command()
+def rollback(
+    reason: Annotated[str, typer.Option(help="Why (kept in the demoted version's tags).")] = "rollback",
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Move the champion alias back to the previous champion."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from tasks.registry import rollback as rollback_champion
+
+    done = _registry_call("rollback", rollback_champion, cfg, reason)
+    after = f"; previous-champion is now version {done.previous_champion}" if done.previous_champion else ""
+    console.print(
+        f"Champion rolled back from version {done.demoted} to version {done.champion}{after}.",
+        highlight=False,
+    )
+
+
+def _percent(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.2f}"
+
+
+@app.command()
+def models(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """The registered model's versions: aliases, test accuracy, data hashes, promotion outcome."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from tasks.registry import version_summaries
+
+    rows = _registry_call("models", version_summaries, cfg)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(title=f"Registered model {cfg.tracking.registered_model}")
+    for column in ("version", "aliases", "test acc. %", "test data", "labeled data", "gate", "best cell"):
+        table.add_column(column)
+    for row in rows:
+        table.add_row(
+            row["version"],
+            ", ".join(row["aliases"]),
+            _percent(row["test_accuracy"]),
+            (row["test_sha256"] or "-")[:12],
+            (row["labeled_sha256"] or "-")[:12],
+            row["promotion"] or "-",
+            row["best_cell"] or "-",
+        )
+    console.print(table if rows else "No versions registered yet.")
+
+
+@app.command()
+def lineage(
+    uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
+    config: ConfigPath = Path("params.yaml"),
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Data versions -> code -> pretraining run -> sweep run -> model version."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from rich.tree import Tree
+
+    from tasks.registry import lineage as model_lineage
+
+    chain = _registry_call("lineage", model_lineage, cfg, uri)
+    if as_json:
+        print(json.dumps(chain, indent=2))
+        return
+    model = chain["model"]
+    aliases = f" ({', '.join(model['aliases'])})" if model["aliases"] else ""
+    tree = Tree(f"{uri}: {model['name']} version {model['version']}{aliases}")
+    data = tree.add("data")
+    for split, ref in chain["data"].items():
+        dvc, sha = ref["dvc_md5"] or "-", ref["sha256"] or "-"
+        data.add(f"{split}: DVC md5 {dvc}, sha256 {sha}, {ref['num_images'] or '?'} images")
+    code = chain["code"]
+    ssl = chain["ssl"]
+    tree.add(
+        f"code: git {code['git_commit'] or '-'}, config sha256 {code['config_sha256'] or '-'}; "
+        f"{ssl['method']} on {ssl['backbone']} ({ssl['profile']} profile)"
+    )
+    for label, run in (("pretraining", chain["pretraining_run"]), ("sweep", chain["sweep_run"])):
+        if run is None:
+            tree.add(f"{label} run: -")
+            continue
+        details = ", ".join(f"{k} {v:.4g}" for k, v in run.get("metrics", {}).items())
+        extra = f", best cell {run['best_cell']}" if run.get("best_cell") else ""
+        state = "missing" if run.get("missing") else run.get("status")
+        tree.add(f"{label} run {run['run_id']} ({state}{extra}{', ' + details if details else ''})")
+    promotion = chain["promotion"]
+    accuracy = chain["evaluation"]["test_accuracy"] if chain["evaluation"] else None
+    tree.add(
+        f"model version {model['version']}: test accuracy {_percent(accuracy)}%, "
+        f"gate {promotion.get('outcome', '-')}: {promotion.get('reason', '-')}"
+    )
+    console.print(tree, highlight=False)
 
 
 @app.command("config")

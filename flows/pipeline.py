@@ -1,5 +1,5 @@
 """The flows: ``ssl_pretraining`` (data -> Ray Train), ``ssl_sweep`` (data + a pretraining run ->
-Ray Tune sweep -> logged model) and ``ssl_pipeline`` (all of it, then the registry)."""
+Ray Tune sweep -> logged model) and ``ssl_pipeline`` (all of it, then the registry's promotion gate)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from tasks import data, plots, pretrain, registry, sweep, tracking, versioning
+from tasks import data, plots, pretrain, promotion, registry, sweep, tracking, versioning
 from tasks.config import PipelineConfig
 
 
@@ -29,8 +29,9 @@ encoder_from_checkpoint = _task(pretrain.encoder_from_checkpoint, "encoder-from-
 sweep_figures = _task(plots.sweep_figures, "sweep-figures")
 log_sweep = _task(tracking.log_sweep, "log-sweep")
 log_classifier = _task(tracking.log_classifier, "log-model")
-register_model = _task(registry.register_model, "register-model")
-alias_champion_if_none = _task(registry.alias_champion_if_none, "alias-champion-if-none")
+evaluate_model = _task(promotion.evaluate_saved_predictions, "evaluate-model")
+hash_weights = _task(promotion.weights_sha256, "hash-model-weights")
+register_challenger = _task(registry.register_challenger, "register-challenger")
 end_run = _task(tracking.end_run, "end-mlflow-run")
 
 
@@ -70,8 +71,7 @@ class SweepResult:
 class PipelineResult:
     pretraining: PretrainingResult
     sweep: SweepResult
-    model_version: str
-    champion_version: str
+    promotion: registry.PromotionOutcome
 
 
 def _versioned_data(cfg: PipelineConfig) -> data.PreparedData:
@@ -145,6 +145,8 @@ def ssl_pipeline(cfg: PipelineConfig) -> PipelineResult:
             "sweep.run_id": swept.run_id,
             "sweep.best_cell": swept.sweep.best_cell,
         }
-        version = register_model(cfg, swept.model_uri, swept.run_id, tags)
-        champion = alias_champion_if_none(cfg, version)
-    return PipelineResult(pretraining, swept, version, champion)
+        output = swept.sweep
+        evaluation = evaluate_model(output.figure_data_path, output.classes, prepared.test)
+        weights = hash_weights(output.best_model_path)
+        outcome = register_challenger(cfg, swept.model_uri, swept.run_id, tags, evaluation, weights)
+    return PipelineResult(pretraining, swept, outcome)

@@ -266,6 +266,13 @@ class TrackingConfig(_Section):
     registered_model: str = "ssl-pipeline-encoder"
 
 
+class PromotionConfig(_Section):
+    """The gate a challenger passes to replace the champion, both measured on the same test set."""
+
+    margin: Probability = 0.002  # test accuracy must rise by at least this much (and by more than 0)
+    class_tolerance: Probability = 0.02  # no class's test accuracy may fall by more than this
+
+
 class RayConfig(_Section):
     """Where pretraining runs: Ray Train workers, and where their checkpoints go."""
 
@@ -297,6 +304,7 @@ class PipelineConfig(_Section):
     pretrain: PretrainConfig = PretrainConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
     tracking: TrackingConfig = TrackingConfig()
+    promotion: PromotionConfig = PromotionConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")

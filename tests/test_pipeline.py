@@ -70,7 +70,8 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     report = tmp_path / "report.json"
     out = smoke_run(workspace, report=report)
     assert out.returncode == 0, out.stdout + out.stderr
-    assert "supervised (scratch)" in out.stdout and "champion is version 1" in out.stdout
+    assert "supervised (scratch)" in out.stdout and "The champion is version 1" in out.stdout
+    assert "version 1 promoted to champion: there is no champion yet" in out.stdout
 
     # Everything the run wrote is inside the workspace.
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report.json", "ws"]
@@ -152,15 +153,28 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     ]
     assert accuracy == pytest.approx(best_seed0[0].data.metrics["test_accuracy"], abs=1e-6)
 
-    # Same data and code again: the pretraining checkpoint is reused, champion stays.
-    again = smoke_run(workspace)
+    # Lineage: the DVC versions of the data, the code, both runs.
+    chain = run_cli("lineage", f"models:/{name}@champion", "--set", f"workspace={workspace}", timeout=120)
+    assert chain.returncode == 0, chain.stdout + chain.stderr
+    for split in splits:
+        assert f"{split}: DVC md5 {champion.tags[f'data.{split}.dvc_md5']}" in chain.stdout
+    assert f"pretraining run {pretraining.info.run_id} (FINISHED" in chain.stdout
+    assert f"git {champion.tags['git.commit']}" in chain.stdout
+
+    # Same data and code again: the pretraining checkpoint is reused, the sweep gives the same
+    # weights, and nothing new is registered.
+    again = smoke_run(workspace, report=tmp_path / "again.json")
     assert again.returncode == 0, again.stdout + again.stderr
-    assert "version 2; champion is version 1" in again.stdout
-    second = client.get_model_version(name, "2")
-    second_pretraining = client.get_run(second.tags["pretrain.run_id"]).data
+    assert "not registered: version 1 already holds these weights" in again.stdout
+    assert "The champion is version 1" in again.stdout
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
+    second = json.loads((tmp_path / "again.json").read_text())
+    assert (second["registered"], second["model_version"]) == (False, "1")
+    second_pretraining = client.get_run(second["pretrain_run_id"]).data
     assert second_pretraining.tags["pretrain.resumed_from_step"] == str(
         int(pretraining.data.metrics["pretrain_steps"])
     )
+    (tmp_path / "again.json").unlink()
 
     # A corrupt image in new data stops the run with one sentence naming the file; what the
     # registry and the workspace already hold is untouched.
@@ -178,5 +192,5 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert bad.returncode == 1
     assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-    assert len(client.search_model_versions(f"name='{name}'")) == 2
+    assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert sorted((workspace / "data").iterdir()) == data_files

@@ -204,7 +204,7 @@ class TrialOutcome:
     val_accuracy: float
     test_accuracy: float
     test_predictions: torch.Tensor
-    classifier_state: dict[str, torch.Tensor] | None  # encoder + linear head; None for kNN
+    classifier_state: dict[str, torch.Tensor] | None  # ssl_models.ImageClassifier's; None for kNN
     reports: int  # validation reports made, the last one included
 
 
@@ -397,9 +397,3 @@ def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str)
             CellResult(spec.protocol, spec.label_fraction, num_labels, {}, (spec.seed,), *accuracies)
         )
     return LabelEfficiency(tuple(cells))
-
-
-def build_classifier(cfg: PipelineConfig, data: PreparedData, num_classes: int) -> nn.Sequential:
-    """The architecture of ``TrialOutcome.classifier_state`` (random weights)."""
-    encoder = build_encoder(cfg, data.mean, data.std)
-    return nn.Sequential(encoder, nn.Linear(encoder.num_features, num_classes))

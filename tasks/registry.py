@@ -66,7 +66,12 @@ class RegistryChange:
             self._undo.append(("creating the model", lambda: self.client.delete_registered_model(self.name)))
 
     def create_version(self, source: str, run_id: str, tags: dict[str, str]) -> str:
-        version = str(self.client.create_model_version(self.name, source, run_id=run_id, tags=tags).version)
+        # A logged model (models:/m-...) is named by id too: a tracking server refuses it otherwise.
+        model_id = source.removeprefix("models:/") if source.startswith("models:/m-") else None
+        created = self.client.create_model_version(
+            self.name, source, run_id=run_id, tags=tags, model_id=model_id
+        )
+        version = str(created.version)
         self._undo.append(
             (f"version {version}", lambda: self.client.delete_model_version(self.name, version))
         )

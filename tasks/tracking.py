@@ -15,17 +15,16 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import numpy as np
-import torch
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_PARENT_RUN_ID
 
+from ssl_models.classifier import ClassifierSpec
 from tasks.config import PipelineConfig
 from tasks.data import DatasetRef, PreparedData
-from tasks.evaluate import build_classifier
 from tasks.pretrain import CHECKPOINT_FILE, PretrainOutput
+from tasks.serving import log_image_classifier
 from tasks.sweep import SweepOutput
 
 
@@ -250,24 +249,12 @@ def log_sweep(cfg: PipelineConfig, run_id: str, output: SweepOutput, figures: li
 def log_classifier(
     cfg: PipelineConfig, run_id: str, data: PreparedData, state_path: str | Path, classes: tuple[str, ...]
 ) -> str:
-    """Log encoder + linear head as an MLflow PyTorch model; returns its ``models:/`` URI."""
-    client = client_for(cfg)
-    # MLflow files a logged model under the fluent API's current experiment, not its source
-    # run's (it would land in experiment 0, under ./mlruns): point it at the run's.
-    mlflow.set_experiment(experiment_id=client.get_run(run_id).info.experiment_id)
-    model = build_classifier(cfg, data, len(classes))
-    model.load_state_dict(torch.load(state_path, map_location="cpu", weights_only=True))
-    model.eval()
-    size = cfg.data.image_size
-    example = np.zeros((2, cfg.data.channels, size, size), dtype=np.float32)
-    info = mlflow.pytorch.log_model(
-        model,
-        name="classifier",
-        input_example=example,
-        run_id=run_id,
-        metadata={"classes": list(classes), "input": "float32 NCHW in [0, 1]"},
+    """Log encoder + linear head as the image pyfunc (``tasks.serving``); returns its ``models:/`` URI."""
+    client_for(cfg)
+    spec = ClassifierSpec(
+        cfg.model.backbone, cfg.data.channels, cfg.data.image_size, data.mean, data.std, tuple(classes)
     )
-    return info.model_uri
+    return log_image_classifier(run_id, state_path, spec)
 
 
 def download_checkpoint(cfg: PipelineConfig, run_id: str, folder: Path) -> Path:

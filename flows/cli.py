@@ -126,10 +126,11 @@ def run(
     gains = print_sweep(cfg, result.sweep.sweep)
     outcome = result.promotion
     console.print(
-        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}. "
-        f"Registered model '{cfg.tracking.registered_model}': {outcome.summary()}. "
+        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}.\n"
+        f"Registered model '{cfg.tracking.registered_model}': {outcome.summary()}.\n"
         f"The champion is version {outcome.champion}. {seconds:.0f} s.",
         highlight=False,
+        soft_wrap=True,  # one line per sentence, whatever the terminal's width: easy to grep
     )
     if report:
         report.parent.mkdir(parents=True, exist_ok=True)
@@ -291,7 +292,7 @@ def promote(
     from tasks.registry import promote as promote_version
 
     outcome = _registry_call("promote", promote_version, cfg, version, force, reason)
-    console.print(outcome.summary(), highlight=False)
+    console.print(outcome.summary(), highlight=False, soft_wrap=True)
     if not outcome.decision.promote:
         raise typer.Exit(1)
 

@@ -141,12 +141,15 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     model_source = client.get_model_version_download_uri(name, champion.version)
     assert model_source.startswith((workspace / "mlartifacts").as_uri()), model_source
     mlflow.set_tracking_uri(uri)
-    model = mlflow.pytorch.load_model(f"models:/{name}@champion")
+    mlflow.set_registry_uri(uri)
+    model = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     test_file = next((workspace / "data").glob("test-*.pt"))
     test = torch.load(test_file, weights_only=True)
-    with torch.no_grad():
-        predicted = model(test["images"].float() / 255).argmax(1)
+    answer = model.predict(test["images"][:, 0].numpy())  # uint8, N x H x W
+    predicted = torch.tensor(answer["class_index"].tolist())
     accuracy = (predicted == test["labels"]).float().mean().item()
+    assert float(champion.tags["eval.test_accuracy"]) == pytest.approx(accuracy, abs=1e-6)
+    assert set(answer["class"]) <= set(json.loads(champion.tags["eval.class_accuracy"]))
     best = [c for c in children if c.data.tags["sweep.cell"] == run.data.tags["sweep.best_cell"]]
     best_seed0 = [
         c for c in best if c.data.params["seed"] == "0" and c.data.tags.get("sweep.selected") == "true"
@@ -194,3 +197,37 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     assert sorted((workspace / "data").iterdir()) == data_files
+
+
+@pytest.mark.slow
+def test_smoke_run_against_a_real_mlflow_server_with_artifacts_in_s3(
+    tmp_path: Path, mlflow_server, s3_server
+) -> None:
+    """`tracking.tracking_uri` is all it takes; the CLI holds no S3 credentials (the server proxies)."""
+    from mlflow.tracking import MlflowClient
+
+    workspace = tmp_path / "ws"
+    server = (f"tracking.tracking_uri={mlflow_server.uri}", "tracking.experiment=e2e-smoke")
+    out = smoke_run(workspace, *server, "tracking.registered_model=fashion-e2e")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "version 1 promoted to champion: there is no champion yet" in out.stdout
+    assert not (workspace / "mlflow.db").exists() and not (workspace / "mlartifacts").exists()
+
+    client = MlflowClient(mlflow_server.uri, registry_uri=mlflow_server.uri)
+    champion = client.get_model_version_by_alias("fashion-e2e", "champion")
+    sweep_run = client.get_run(champion.tags["sweep.run_id"])
+    assert sweep_run.info.artifact_uri.startswith("mlflow-artifacts:/")
+    pages = s3_server.client().get_paginator("list_objects_v2").paginate(Bucket=mlflow_server.bucket)
+    keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+    for suffix in ("/artifacts/classifier.pt", "/pretrain/checkpoint.pt", "/promotion/version-1.json"):
+        assert any(k.endswith(suffix) for k in keys), suffix
+
+    sets = [
+        arg
+        for key in (f"workspace={workspace}", server[0], "tracking.registered_model=fashion-e2e")
+        for arg in ("--set", key)
+    ]
+    chain = run_cli("lineage", "models:/fashion-e2e@champion", *sets, timeout=120)
+    assert chain.returncode == 0, chain.stdout + chain.stderr
+    assert f"pretraining run {champion.tags['pretrain.run_id']} (FINISHED" in chain.stdout
+    assert f"test: DVC md5 {champion.tags['data.test.dvc_md5']}" in chain.stdout

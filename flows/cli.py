@@ -65,6 +65,8 @@ def prepare_environment(cfg: PipelineConfig) -> None:
         # A busy 2-core machine can miss the ephemeral server's 20 s start-up default.
         os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    # One-file downloads (a checkpoint, a model's files) drew a progress bar each in the run's log.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
 def results_table(output) -> Table:  # type: ignore[no-untyped-def]

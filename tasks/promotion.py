@@ -125,7 +125,7 @@ class Decision:
         """The same comparison, promoted anyway by a person who gave ``reason``."""
         if self.promote:
             return self
-        reason = f"forced: {reason} (the gate said: {self.reason})"
+        reason = f"{reason} (the gate said: {self.reason})"
         return replace(self, promote=True, forced=True, reason=reason)
 
     def to_dict(self) -> dict[str, object]:

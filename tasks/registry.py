@@ -224,7 +224,7 @@ def register_challenger(
     """
     client = client_for(cfg)
     name = cfg.tracking.registered_model
-    for mv in versions(client, name) if _exists(client, name) else []:
+    for mv in versions(client, name):
         if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
             champion = alias_version(client, name, CHAMPION)
             reason = (

@@ -16,6 +16,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -353,12 +354,19 @@ def parse_model_uri(uri: str) -> tuple[str, str, str]:
     raise PromotionError(f"{uri!r}: expected models:/NAME@ALIAS or models:/NAME/VERSION")
 
 
-def _run_summary(client: MlflowClient, run_id: str | None, metrics: tuple[str, ...]) -> dict[str, Any] | None:
+def _find_run(client: MlflowClient, run_id: str | None) -> Run | None:
+    try:
+        return client.get_run(run_id) if run_id else None
+    except MlflowException:
+        return None
+
+
+def _run_summary(
+    run_id: str | None, run: Run | None, metrics: tuple[str, ...], **extra: Any
+) -> dict[str, Any] | None:
     if not run_id:
         return None
-    try:
-        run = client.get_run(run_id)
-    except MlflowException:
+    if run is None:
         return {"run_id": run_id, "missing": True}
     return {
         "run_id": run_id,
@@ -366,7 +374,7 @@ def _run_summary(client: MlflowClient, run_id: str | None, metrics: tuple[str, .
         "status": run.info.status,
         "step": run.data.tags.get("pipeline.step"),
         "metrics": {k: run.data.metrics[k] for k in metrics if k in run.data.metrics},
-        "params": run.data.params,
+        **extra,
     }
 
 
@@ -385,9 +393,13 @@ def lineage(cfg: PipelineConfig, uri: str) -> dict[str, Any]:
         except MlflowException:
             raise PromotionError(f"{uri}: registered model {name!r} has no version {ref}") from None
     tags = mv.tags
-    pretraining = _run_summary(client, tags.get("pretrain.run_id"), ("pretrain_loss", "pretrain_steps"))
-    sweep = _run_summary(client, tags.get("sweep.run_id") or mv.run_id, ())
-    params = (pretraining or {}).get("params") or (sweep or {}).get("params") or {}
+    pretrain_id, sweep_id = tags.get("pretrain.run_id"), tags.get("sweep.run_id") or mv.run_id
+    pretrain_run, sweep_run = _find_run(client, pretrain_id), _find_run(client, sweep_id)
+    params = next((run.data.params for run in (pretrain_run, sweep_run) if run), {})
+    pretraining = _run_summary(
+        pretrain_id, pretrain_run, ("pretrain_loss", "pretrain_steps"), epochs=params.get("pretrain.epochs")
+    )
+    sweep = _run_summary(sweep_id, sweep_run, (), best_cell=tags.get("sweep.best_cell"))
     data = {
         split: {
             "dvc_md5": tags.get(f"data.{split}.dvc_md5"),
@@ -396,13 +408,6 @@ def lineage(cfg: PipelineConfig, uri: str) -> dict[str, Any]:
         }
         for split in ("unlabeled", "labeled", "test")
     }
-    for run in (pretraining, sweep):
-        if run:
-            run.pop("params", None)
-    if pretraining:
-        pretraining["epochs"] = params.get("pretrain.epochs")
-    if sweep and "missing" not in sweep:
-        sweep["best_cell"] = tags.get("sweep.best_cell")
     evaluation = ModelEvaluation.from_tags(tags)
     held = client.get_registered_model(name).aliases.items()
     aliases = sorted(alias for alias, v in held if str(v) == str(mv.version))

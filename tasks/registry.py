@@ -83,10 +83,7 @@ class RegistryChange:
         old = alias_version(self.client, self.name, alias)
         if old == version:
             return
-        if version is None:
-            self.client.delete_registered_model_alias(self.name, alias)
-        else:
-            self.client.set_registered_model_alias(self.name, alias, version)
+        self._point(alias, version)
         self._undo.append((f"alias {alias}", lambda: self._point(alias, old)))
 
     def _point(self, alias: str, version: str | None) -> None:
@@ -170,7 +167,7 @@ def _decision_tags(decision: Decision) -> dict[str, str]:
     return tags
 
 
-def _description(version: str, decision: Decision) -> str:
+def _description(decision: Decision) -> str:
     accuracy = f"Test accuracy {100 * decision.challenger.accuracy:.2f}%. " if decision.challenger else ""
     return f"{accuracy}Promotion gate: {decision.outcome}; {decision.reason}."
 
@@ -189,7 +186,7 @@ def _log_report(client: MlflowClient, name: str, mv: ModelVersion, decision: Dec
 def _gate(change: RegistryChange, cfg: PipelineConfig, version: str, forced: str | None) -> PromotionOutcome:
     """Compare ``version`` with the champion, record the decision, and move ``champion`` last."""
     client, name = change.client, change.name
-    mv = client.get_model_version(name, version)
+    mv = _version(client, name, version)
     champion = alias_version(client, name, CHAMPION)
     if champion == version:
         raise PromotionError(f"version {version} of {name!r} is already the champion")
@@ -200,7 +197,7 @@ def _gate(change: RegistryChange, cfg: PipelineConfig, version: str, forced: str
     if forced is not None:
         decision = decision.force(forced)
     change.set_tags(version, _decision_tags(decision))
-    change.set_description(version, _description(version, decision))
+    change.set_description(version, _description(decision))
     _log_report(client, name, mv, decision)
     if not decision.promote:
         return PromotionOutcome(version, True, decision, champion)
@@ -259,7 +256,6 @@ def promote(
         raise PromotionError("--force needs --reason: say why the gate is overruled")
     client = client_for(cfg)
     name = cfg.tracking.registered_model
-    _version(client, name, version)
     with RegistryChange(client, name) as change:
         return _gate(change, cfg, version, reason if force else None)
 

@@ -112,62 +112,72 @@ def run(
     profile: Profile = "default",
     overrides: Overrides = None,
     report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
+    refresh: Annotated[bool, typer.Option(help="Recompute every stage, ignoring cached results.")] = False,
+    only_if_new_data: Annotated[
+        bool, typer.Option(help="End after the data step if the champion was trained on these datasets.")
+    ] = False,
 ) -> None:
-    """Run the whole pipeline (Prefect flow) with the embedded defaults."""
+    """Run the whole pipeline (Prefect flow) with the embedded defaults.
+
+    Finished stages are cached: a rerun resumes where a crash stopped it, and a rerun on the
+    same data, config and code reaches the registry without training.
+    """
     cfg = _load(config, profile, overrides)
     prepare_environment(cfg)
     start = time.perf_counter()
     from flows.pipeline import ssl_pipeline
 
     try:
-        result = ssl_pipeline(cfg)
+        result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None
     seconds = time.perf_counter() - start
-    gains = print_sweep(cfg, result.sweep.sweep)
-    outcome = result.promotion
-    console.print(
-        f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}.\n"
-        f"Registered model '{cfg.tracking.registered_model}': {outcome.summary()}.\n"
-        f"The champion is version {outcome.champion}. {seconds:.0f} s.",
-        highlight=False,
-        soft_wrap=True,  # one line per sentence, whatever the terminal's width: easy to grep
-    )
-    if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(
-            json.dumps(
-                {
-                    "profile": cfg.profile,
-                    "method": cfg.pretrain.method,
-                    "backbone": cfg.model.backbone,
-                    "pretrain_epochs": cfg.pretrain.epochs,
-                    "unlabeled_images": result.pretraining.data.unlabeled.num_images,
-                    "wall_seconds": round(seconds, 1),
-                    "pretrain_images_per_s": [
-                        round(r["images_per_s"]) for r in result.pretraining.pretrain.history
-                    ],
-                    "data_sha256": result.pretraining.data.digests(),
-                    "accuracy": result.sweep.sweep.curve(),
-                    "sweep_seconds": round(result.sweep.sweep.seconds, 1),
-                    "trials": len(result.sweep.sweep.trials),
-                    "stopped_early": sum(t.stopped_early for t in result.sweep.sweep.trials),
-                    "primary_protocol": cfg.evaluate.primary_protocol,
-                    "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
-                    "pretrain_run_id": result.pretraining.run_id,
-                    "sweep_run_id": result.sweep.run_id,
-                    "model_version": outcome.version,
-                    "registered": outcome.registered,
-                    "promotion": outcome.decision.outcome,
-                    "promotion_reason": outcome.decision.reason,
-                    "champion_version": outcome.champion,
-                    "command": " ".join(["ssl-pipeline", *sys.argv[1:]]),
-                },
-                indent=2,
-            )
-            + "\n"
+    summary: dict[str, object] = {"profile": cfg.profile, "data_sha256": result.data.digests()}
+    if result.skipped or not (result.pretraining and result.sweep and result.promotion):
+        console.print(f"Nothing to do: {result.skipped}. {seconds:.0f} s.", highlight=False, soft_wrap=True)
+        summary.update(skipped=result.skipped, wall_seconds=round(seconds, 1))
+    else:
+        gains = print_sweep(cfg, result.sweep.sweep)
+        outcome = result.promotion
+        console.print(
+            f"MLflow runs: pretraining {result.pretraining.run_id}, sweep {result.sweep.run_id}.\n"
+            f"Registered model '{cfg.tracking.registered_model}': {outcome.summary()}.\n"
+            f"The champion is version {outcome.champion}. {seconds:.0f} s.",
+            highlight=False,
+            soft_wrap=True,  # one line per sentence, whatever the terminal's width: easy to grep
         )
+        summary.update(_run_summary(cfg, result.pretraining, result.sweep, outcome, gains, seconds))
+    if report:
+        summary["command"] = " ".join(["ssl-pipeline", *sys.argv[1:]])
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def _run_summary(cfg, pretraining, swept, outcome, gains, seconds) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    """What ``run --report`` writes about a run that trained."""
+    return {
+        "method": cfg.pretrain.method,
+        "backbone": cfg.model.backbone,
+        "pretrain_epochs": cfg.pretrain.epochs,
+        "unlabeled_images": pretraining.data.unlabeled.num_images,
+        "wall_seconds": round(seconds, 1),
+        "pretrain_images_per_s": [round(r["images_per_s"]) for r in pretraining.pretrain.history],
+        "pretrain_resumed_from_step": pretraining.pretrain.resumed_from_step,
+        "accuracy": swept.sweep.curve(),
+        "sweep_seconds": round(swept.sweep.seconds, 1),
+        "trials": len(swept.sweep.trials),
+        "stopped_early": sum(t.stopped_early for t in swept.sweep.trials),
+        "primary_protocol": cfg.evaluate.primary_protocol,
+        "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
+        "pretrain_run_id": pretraining.run_id,
+        "sweep_run_id": swept.run_id,
+        "model_version": outcome.version,
+        "registered": outcome.registered,
+        "promotion": outcome.decision.outcome,
+        "promotion_reason": outcome.decision.reason,
+        "champion_version": outcome.champion,
+    }
 
 
 @app.command()
@@ -402,6 +412,33 @@ def lineage(
         f"gate {promotion.get('outcome', '-')}: {promotion.get('reason', '-')}"
     )
     console.print(tree, highlight=False)
+
+
+@app.command()
+def serve(
+    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
+) -> None:
+    """Serve scheduled and triggered retraining: the `retrain` deployment with the config's cron
+    schedule, a trigger on new unlabeled images, and a watch on orchestration.watch."""
+    cfg = _load(config, profile, overrides)
+    prepare_environment(cfg)
+    from flows.deployment import serve_retraining
+
+    o = cfg.orchestration
+    console.print(
+        f"Serving deployment 'retrain/{o.deployment}': schedule {o.cron or 'none'} ({o.timezone}); "
+        + (
+            f"watching {o.watch} every {o.poll_seconds:g} s for {o.min_new_images} new images."
+            if o.watch
+            else "no watched location (orchestration.watch)."
+        ),
+        highlight=False,
+        soft_wrap=True,
+    )
+    try:
+        serve_retraining(cfg, str(config), profile, list(overrides or []))
+    except KeyboardInterrupt:
+        console.print("Stopped serving.")
 
 
 @app.command("config")

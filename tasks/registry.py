@@ -9,12 +9,11 @@ from __future__ import annotations
 import json
 import logging
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal
 
 from mlflow.entities import Run
 from mlflow.entities.model_registry import ModelVersion
@@ -22,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from tasks.config import PipelineConfig
+from tasks.data import PreparedData
 from tasks.promotion import Decision, ModelEvaluation, decide
 from tasks.tracking import client_for
 
@@ -37,13 +37,36 @@ class PromotionError(RuntimeError):
     """A registry operation that cannot be done as asked; the message says why."""
 
 
+@dataclass(frozen=True)
+class UndoStep:
+    """How to undo one registry write: data, not a closure, so a Prefect rollback hook in another
+    task (or a later process) can replay it."""
+
+    what: str
+    op: Literal["delete_model", "delete_version", "point_alias", "set_tag", "delete_tag", "describe"]
+    args: tuple[str | None, ...]
+
+
+@dataclass(frozen=True)
+class UndoLog:
+    """The undo steps of one ``RegistryChange``, oldest first, with the registry they apply to."""
+
+    tracking_uri: str
+    model: str
+    steps: tuple[UndoStep, ...] = ()
+
+
 class RegistryChange:
-    """Changes to one registered model that are undone, newest first, if the block raises."""
+    """Changes to one registered model that are undone, newest first, if the block raises.
+
+    ``log`` holds what was done as undo steps; ``undo(log)`` replays them later (a transaction
+    that fails after this block succeeded).
+    """
 
     def __init__(self, client: MlflowClient, name: str):
         self.client = client
         self.name = name
-        self._undo: list[tuple[str, Callable[[], object]]] = []
+        self._steps: list[UndoStep] = []
 
     def __enter__(self) -> RegistryChange:
         return self
@@ -51,20 +74,22 @@ class RegistryChange:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        if exc_type is None:
-            return
-        for what, undo in reversed(self._undo):
-            try:
-                undo()
-            except Exception as e:  # keep undoing the rest; the original error is re-raised
-                log.error("registry: could not undo %s of %s: %s", what, self.name, e)
+        if exc_type is not None:
+            _replay(self.client, self.name, self._steps)
+
+    @property
+    def log(self) -> UndoLog:
+        return UndoLog(self.client.tracking_uri, self.name, tuple(self._steps))
+
+    def _record(self, what: str, op: str, *args: str | None) -> None:
+        self._steps.append(UndoStep(what, op, args))  # type: ignore[arg-type]
 
     def ensure_model(self, description: str) -> None:
         try:
             self.client.get_registered_model(self.name)
         except MlflowException:
             self.client.create_registered_model(self.name, description=description)
-            self._undo.append(("creating the model", lambda: self.client.delete_registered_model(self.name)))
+            self._record("creating the model", "delete_model")
 
     def create_version(self, source: str, run_id: str, tags: dict[str, str]) -> str:
         # A logged model (models:/m-...) is named by id too: a tracking server refuses it otherwise.
@@ -73,9 +98,7 @@ class RegistryChange:
             self.name, source, run_id=run_id, tags=tags, model_id=model_id
         )
         version = str(created.version)
-        self._undo.append(
-            (f"version {version}", lambda: self.client.delete_model_version(self.name, version))
-        )
+        self._record(f"version {version}", "delete_version", version)
         return version
 
     def set_alias(self, alias: str, version: str | None) -> None:
@@ -83,37 +106,60 @@ class RegistryChange:
         old = alias_version(self.client, self.name, alias)
         if old == version:
             return
-        self._point(alias, version)
-        self._undo.append((f"alias {alias}", lambda: self._point(alias, old)))
-
-    def _point(self, alias: str, version: str | None) -> None:
-        if version is None:
-            self.client.delete_registered_model_alias(self.name, alias)
-        else:
-            self.client.set_registered_model_alias(self.name, alias, version)
+        _point(self.client, self.name, alias, version)
+        self._record(f"alias {alias}", "point_alias", alias, old)
 
     def set_tags(self, version: str, tags: dict[str, str]) -> None:
         old = self.client.get_model_version(self.name, version).tags
         for key, value in tags.items():
             self.client.set_model_version_tag(self.name, version, key, value)
-            undo = self._tag_setter(version, key, old[key]) if key in old else self._tag_deleter(version, key)
-            self._undo.append((f"tag {key} of version {version}", undo))
-
-    def _tag_setter(self, version: str, key: str, value: str) -> Callable[[], None]:
-        return lambda: self.client.set_model_version_tag(self.name, version, key, value)
-
-    def _tag_deleter(self, version: str, key: str) -> Callable[[], None]:
-        return lambda: self.client.delete_model_version_tag(self.name, version, key)
+            if key in old:
+                self._record(f"tag {key} of version {version}", "set_tag", version, key, old[key])
+            else:
+                self._record(f"tag {key} of version {version}", "delete_tag", version, key)
 
     def set_description(self, version: str, description: str) -> None:
         old = self.client.get_model_version(self.name, version).description or ""
         self.client.update_model_version(self.name, version, description=description)
-        self._undo.append(
-            (
-                f"description of version {version}",
-                lambda: self.client.update_model_version(self.name, version, description=old),
-            )
-        )
+        self._record(f"description of version {version}", "describe", version, old)
+
+
+def _point(client: MlflowClient, name: str, alias: str, version: str | None) -> None:
+    if version is None:
+        client.delete_registered_model_alias(name, alias)
+    else:
+        client.set_registered_model_alias(name, alias, version)
+
+
+def _replay(client: MlflowClient, name: str, steps: list[UndoStep] | tuple[UndoStep, ...]) -> None:
+    """Undo ``steps`` newest first; a step that fails is logged and the rest still run."""
+    for step in reversed(steps):
+        a = step.args
+        try:
+            if step.op == "delete_model":
+                client.delete_registered_model(name)
+            elif step.op == "delete_version":
+                client.delete_model_version(name, a[0])  # type: ignore[arg-type]
+            elif step.op == "point_alias":
+                _point(client, name, a[0], a[1])  # type: ignore[arg-type]
+            elif step.op == "set_tag":
+                client.set_model_version_tag(name, a[0], a[1], a[2])  # type: ignore[arg-type]
+            elif step.op == "delete_tag":
+                client.delete_model_version_tag(name, a[0], a[1])  # type: ignore[arg-type]
+            else:
+                client.update_model_version(name, a[0], description=a[1])  # type: ignore[arg-type]
+        except Exception as e:  # keep undoing the rest; the original error is re-raised
+            log.error("registry: could not undo %s of %s: %s", step.what, name, e)
+
+
+def undo(log_: UndoLog) -> None:
+    """Undo what a finished ``RegistryChange`` did (a Prefect transaction's rollback hook)."""
+    _replay(MlflowClient(log_.tracking_uri, registry_uri=log_.tracking_uri), log_.model, log_.steps)
+
+
+def change(cfg: PipelineConfig) -> RegistryChange:
+    """A ``RegistryChange`` of the configured registered model."""
+    return RegistryChange(client_for(cfg), cfg.tracking.registered_model)
 
 
 def alias_version(client: MlflowClient, name: str, alias: str) -> str | None:
@@ -207,6 +253,50 @@ def _gate(change: RegistryChange, cfg: PipelineConfig, version: str, forced: str
     return PromotionOutcome(version, True, decision, version)
 
 
+@dataclass(frozen=True)
+class Registration:
+    version: str
+    registered: bool  # False: an existing version already held these weights
+    reason: str = ""
+
+
+def register_version(
+    change: RegistryChange,
+    model_uri: str,
+    run_id: str,
+    tags: dict[str, str],
+    evaluation: ModelEvaluation,
+    weights_sha256: str,
+) -> Registration:
+    """Register the model as a new version with alias ``challenger``, unless some version already
+    holds these weights (a rerun on the same data, code and config)."""
+    for mv in versions(change.client, change.name):
+        if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
+            reason = (
+                f"not registered: version {mv.version} already holds these weights "
+                f"(sha256 {weights_sha256[:12]})"
+            )
+            return Registration(str(mv.version), False, reason)
+    change.ensure_model("Encoder + linear head from ssl-pipeline; see each version's lineage tags")
+    version = change.create_version(
+        model_uri, run_id, {**tags, **evaluation.tags(), WEIGHTS_TAG: weights_sha256}
+    )
+    change.set_alias(CHALLENGER, version)
+    return Registration(version, True)
+
+
+def gate(change: RegistryChange, cfg: PipelineConfig, registration: Registration) -> PromotionOutcome:
+    """Put a freshly registered version through the gate; a known one is only reported."""
+    if not registration.registered:
+        champion = alias_version(change.client, change.name, CHAMPION)
+        evaluation = ModelEvaluation.from_tags(
+            _version(change.client, change.name, registration.version).tags
+        )
+        decision = Decision(False, registration.reason, evaluation, None, champion)
+        return PromotionOutcome(registration.version, False, decision, champion)
+    return _gate(change, cfg, registration.version, None)
+
+
 def register_challenger(
     cfg: PipelineConfig,
     model_uri: str,
@@ -215,29 +305,28 @@ def register_challenger(
     evaluation: ModelEvaluation,
     weights_sha256: str,
 ) -> PromotionOutcome:
-    """Register the model as a new version with alias ``challenger`` and put it through the gate.
+    """``register_version`` then ``gate``, all undone if any step fails."""
+    with change(cfg) as registry_change:
+        registration = register_version(registry_change, model_uri, run_id, tags, evaluation, weights_sha256)
+        return gate(registry_change, cfg, registration)
 
-    Weights some version already holds (a rerun on the same data, code and config) are not
-    registered again.
-    """
+
+def unchanged_since_champion(cfg: PipelineConfig, data: PreparedData) -> str | None:
+    """Why retraining would learn nothing new: the champion was trained on these very datasets
+    (same unlabeled and labeled content hashes); None when there is new data or no champion."""
     client = client_for(cfg)
     name = cfg.tracking.registered_model
-    for mv in versions(client, name):
-        if mv.tags.get(WEIGHTS_TAG) == weights_sha256:
-            champion = alias_version(client, name, CHAMPION)
-            reason = (
-                f"not registered: version {mv.version} already holds these weights "
-                f"(sha256 {weights_sha256[:12]})"
-            )
-            decision = Decision(False, reason, evaluation, None, champion)
-            return PromotionOutcome(str(mv.version), False, decision, champion)
-    with RegistryChange(client, name) as change:
-        change.ensure_model("Encoder + linear head from ssl-pipeline; see each version's lineage tags")
-        version = change.create_version(
-            model_uri, run_id, {**tags, **evaluation.tags(), WEIGHTS_TAG: weights_sha256}
-        )
-        change.set_alias(CHALLENGER, version)
-        return _gate(change, cfg, version, None)
+    champion = alias_version(client, name, CHAMPION)
+    if champion is None:
+        return None
+    tags = client.get_model_version(name, champion).tags
+    digests = data.digests()
+    if any(tags.get(f"data.{kind}.sha256") != digests[kind] for kind in ("unlabeled", "labeled")):
+        return None
+    return (
+        f"no new data since the champion (version {champion}) was trained: unlabeled "
+        f"sha256 {digests['unlabeled'][:12]}, labeled sha256 {digests['labeled'][:12]}"
+    )
 
 
 def _exists(client: MlflowClient, name: str) -> bool:
@@ -254,10 +343,8 @@ def promote(
     """Put a registered version through the gate; ``force`` (with a reason) promotes it anyway."""
     if force and not (reason and reason.strip()):
         raise PromotionError("--force needs --reason: say why the gate is overruled")
-    client = client_for(cfg)
-    name = cfg.tracking.registered_model
-    with RegistryChange(client, name) as change:
-        return _gate(change, cfg, version, reason if force else None)
+    with change(cfg) as registry_change:
+        return _gate(registry_change, cfg, version, reason if force else None)
 
 
 def _version(client: MlflowClient, name: str, version: str) -> ModelVersion:
@@ -290,8 +377,8 @@ def rollback(cfg: PipelineConfig, reason: str) -> Rollback:
     older = client.get_model_version(name, previous).tags.get("promotion.previous_champion")
     if older is not None and older in (champion, previous):
         older = None
-    with RegistryChange(client, name) as change:
-        change.set_tags(
+    with RegistryChange(client, name) as registry_change:
+        registry_change.set_tags(
             champion,
             {
                 "rollback.reason": reason[:4000],
@@ -299,8 +386,8 @@ def rollback(cfg: PipelineConfig, reason: str) -> Rollback:
                 "rollback.time": datetime.now(UTC).isoformat(timespec="seconds"),
             },
         )
-        change.set_alias(PREVIOUS_CHAMPION, older)
-        change.set_alias(CHAMPION, previous)
+        registry_change.set_alias(PREVIOUS_CHAMPION, older)
+        registry_change.set_alias(CHAMPION, previous)
     return Rollback(champion, previous, older)
 
 

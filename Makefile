@@ -3,7 +3,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 ARGS ?=
 
-.PHONY: setup run test test-fast test-slow lint
+.PHONY: setup setup-test run test test-fast test-slow lint
 
 setup: $(VENV)/.installed
 
@@ -22,5 +22,9 @@ lint: setup
 test-fast: setup
 	$(BIN)/python -m pytest -m "not slow"
 
-test-slow: setup
+# The slow tests' browser (Debian's chromium) for the MLflow UI test.
+setup-test:
+	bash infra/setup-test.sh
+
+test-slow: setup setup-test
 	$(BIN)/python -m pytest -m slow

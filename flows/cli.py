@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.data_cli import data_app
+from flows.stack_cli import stack_app
 from tasks.config import ConfigError, PipelineConfig, load_config
 
 app = typer.Typer(
@@ -23,6 +24,7 @@ app = typer.Typer(
 )
 console = Console()
 app.add_typer(data_app, name="data")
+app.add_typer(stack_app, name="stack")
 
 ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
 Profile = Annotated[
@@ -31,7 +33,7 @@ Profile = Annotated[
         "--profile",
         "-p",
         envvar="SSL_PIPELINE_PROFILE",
-        help="smoke | default | full, or any profile in the file.",
+        help="smoke | default | full | stack, or any profile in the file.",
     ),
 ]
 Overrides = Annotated[

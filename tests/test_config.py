@@ -8,7 +8,7 @@ from tests.conftest import REPO
 PARAMS = REPO / "params.yaml"
 
 
-@pytest.mark.parametrize("profile", ["default", "smoke", "full"])
+@pytest.mark.parametrize("profile", ["default", "smoke", "full", "stack"])
 def test_every_profile_of_params_yaml_is_valid(profile: str) -> None:
     cfg = load_config(PARAMS, profile)
     assert cfg.profile == profile

@@ -94,7 +94,7 @@ def test_the_watch_reports_new_images_once_enough_arrived(tmp_path: Path) -> Non
     _pngs(folder, 17, 5)
     again = Watch(str(folder), tmp_path / "state", min_new=5).poll()
     assert again is not None and again.new_images == 5
-    with pytest.raises(FileNotFoundError, match="orchestration.watch"):
+    with pytest.raises(FileNotFoundError, match=r"orchestration\.watch"):
         count_images(str(tmp_path / "missing"))
 
 
@@ -121,7 +121,9 @@ def test_a_failing_gate_rolls_back_the_registration(
 
     @flow
     def promote_in_a_transaction() -> registry.PromotionOutcome:
-        return register_and_gate(cfg, f"runs:/{run.info.run_id}/model", run.info.run_id, {}, evaluation(0.9), "w2")
+        return register_and_gate(
+            cfg, f"runs:/{run.info.run_id}/model", run.info.run_id, {}, evaluation(0.9), "w2"
+        )
 
     with pytest.raises(RuntimeError, match="report upload failed"):
         promote_in_a_transaction()

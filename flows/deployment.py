@@ -14,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, serve
+from prefect import flow, get_run_logger, serve
 from prefect.deployments.runner import EntrypointType, RunnerDeployment
 
 from flows.pipeline import ssl_pipeline
@@ -41,7 +41,11 @@ def retrain(
     result = ssl_pipeline(cfg, only_if_new_data=reason != "manual")
     summary: dict[str, Any] = {"reason": reason, "data_sha256": result.data.digests()}
     if result.skipped or result.promotion is None:
+        get_run_logger().info("Ended early (%s run): %s", reason, result.skipped)
         return {**summary, "skipped": result.skipped}
+    get_run_logger().info(
+        "Registered model %r: %s", cfg.tracking.registered_model, result.promotion.summary()
+    )
     return {
         **summary,
         "model_version": result.promotion.version,

@@ -4,7 +4,14 @@ temporary database, no waiting for wall-clock time)."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import json
+import os
+import re
+import signal
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +20,7 @@ from botocore.exceptions import EndpointConnectionError
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from ssl_models.data import DataError
+from ssl_models.data import DataError, read_idx
 from tasks import orchestration, registry
 from tasks.config import PipelineConfig
 from tasks.watch import Watch, count_images
@@ -168,3 +175,193 @@ def test_the_deployment_schedule_and_trigger_come_from_the_config(prefect_api: s
         assert trigger.expect == {orchestration.DATA_ARRIVED}  # type: ignore[union-attr]
         action = automations[0].actions[0]
         assert action.parameters == {"reason": "new-data"}  # type: ignore[union-attr]
+
+
+# Slow: the CLI and `ssl-pipeline serve` in their own processes, on real Fashion-MNIST.
+
+
+def _session_pids(sid: int) -> list[int]:
+    """Processes of a session (the CLI and what it started: Ray's GCS, raylet, workers)."""
+    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
+    return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
+
+
+def _kill_session(sid: int) -> None:
+    for pid in _session_pids(sid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _registered_step(workspace: Path) -> int:
+    """The step of the latest checkpoint Ray Train registered for the workspace's pretraining."""
+    for state in (workspace / "ray").glob("pretrain-*/checkpoint_manager_snapshot.json"):
+        with contextlib.suppress(ValueError, KeyError, TypeError):  # being written
+            return int(json.loads(state.read_text())["latest_checkpoint_result"]["metrics"]["step"])
+    return 0
+
+
+def _epochs(output: str) -> list[int]:
+    return [int(m) for m in re.findall(r"pretrain epoch (\d+)/\d+", output)]
+
+
+@pytest.mark.slow
+def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_stages(
+    tmp_path: Path,
+) -> None:
+    from tests.test_pipeline import CLI, run_cli_env, smoke_args
+
+    workspace = tmp_path / "ws"
+    epochs = 8
+    args = smoke_args(workspace, f"pretrain.epochs={epochs}")  # 512 images, batch 128: 4 steps an epoch
+    log = (tmp_path / "killed.log").open("w+")
+    first = subprocess.Popen(
+        [*CLI, *args],
+        cwd=tmp_path,
+        env=run_cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while (kept := _registered_step(workspace)) < 8:  # Ray has registered epoch 2's checkpoint
+            assert first.poll() is None, Path(log.name).read_text()[-3000:]
+            assert time.monotonic() < deadline, "pretraining never reached epoch 2"
+            time.sleep(0.05)
+    finally:
+        _kill_session(first.pid)  # SIGKILL: no handler runs, as when a machine dies
+        first.wait()
+    killed = Path(log.name).read_text()
+    assert "Task run 'prepare-data" in killed and "sweep-and-log-model" not in killed
+
+    report = tmp_path / "resumed.json"
+    resumed = subprocess.run(
+        [*CLI, *args, "--report", str(report)],
+        cwd=tmp_path,
+        env=run_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    # The data stage's tensors came from the cache the killed run left.
+    assert re.search(r"Task run 'prepare-data-\w+' - Finished in state Cached", output), output[-3000:]
+    # Pretraining resumed from the last checkpoint Ray registered: only the epochs after it ran again.
+    step = json.loads(report.read_text())["pretrain_resumed_from_step"]
+    assert step >= kept and step % 4 == 0, (step, kept)
+    recomputed = _epochs(output)
+    assert recomputed == list(range(step // 4 + 1, epochs + 1)), (step, recomputed)
+    assert len(recomputed) <= epochs - 2
+    assert "version 1 promoted to champion" in output
+
+    # The same command again: every stage from the cache, nothing trained, nothing registered.
+    again = subprocess.run(
+        [*CLI, *args], cwd=tmp_path, env=run_cli_env(), capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    output = again.stdout + again.stderr
+    for stage in ("prepare-data", "pretraining", "sweep-and-log-model"):
+        assert re.search(rf"Task run '{stage}-\w+' - Finished in state Cached", output), stage
+    assert _epochs(output) == [] and "Task run 'sweep-" not in output.replace("sweep-and-log-model", "")
+    assert "not registered: version 1 already holds these weights" in output
+
+
+def _fashion_folders(fashion_mnist_dir: Path, root: Path) -> dict[str, Path]:
+    """Fashion-MNIST as image folders: unlabeled (flat), labeled and test (one folder per class)."""
+    train = read_idx(fashion_mnist_dir / "train-images-idx3-ubyte.gz")
+    labels = read_idx(fashion_mnist_dir / "train-labels-idx1-ubyte.gz")
+    folders = {name: root / name for name in ("unlabeled", "labeled", "test")}
+    folders["unlabeled"].mkdir(parents=True)
+    for i in range(256):
+        Image.fromarray(train[i]).save(folders["unlabeled"] / f"{i:05d}.png")
+    for name, start, count in (("labeled", 10_000, 400), ("test", 20_000, 200)):
+        for i in range(start, start + count):
+            folder = folders[name] / f"class{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(train[i]).save(folder / f"{i:05d}.png")
+    return folders
+
+
+def _wait_for_run(client: Any, deployment_id: Any, reason: str, timeout: float) -> Any:
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterId
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        runs = client.read_flow_runs(
+            deployment_filter=DeploymentFilter(id=DeploymentFilterId(any_=[deployment_id]))
+        )
+        done = [r for r in runs if r.parameters.get("reason") == reason and r.state and r.state.is_final()]
+        if done:
+            return done[0]
+        time.sleep(2)
+    raise AssertionError(f"no {reason} run of the deployment finished in {timeout:.0f} s")
+
+
+@pytest.mark.slow
+def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
+    prefect_api: str, tmp_path: Path, fashion_mnist_dir: Path
+) -> None:
+    from mlflow.tracking import MlflowClient
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+
+    from tests.test_pipeline import CLI, run_cli_env, smoke_args
+
+    folders = _fashion_folders(fashion_mnist_dir, tmp_path / "images")
+    workspace = tmp_path / "ws"
+    args = smoke_args(
+        workspace,
+        "data.source=folder",
+        *(f"data.{name}_dir={folder}" for name, folder in folders.items()),
+        f"orchestration.watch={folders['unlabeled']}",
+        "orchestration.poll_seconds=1",
+        "orchestration.min_new_images=32",
+        "orchestration.retries=0",
+        command="serve",
+    )
+    env = {**run_cli_env(), "PREFECT_API_URL": prefect_api}
+    log = (tmp_path / "serve.log").open("w+")
+    served = subprocess.Popen(
+        [*CLI, *args], cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
+    try:
+        with get_client(sync_client=True) as client:
+            deadline = time.monotonic() + 120
+            while not list((workspace / "prefect").glob("watch-*.json")):  # deployment up, first poll done
+                assert served.poll() is None, Path(log.name).read_text()[-3000:]
+                assert time.monotonic() < deadline, Path(log.name).read_text()[-3000:]
+                time.sleep(0.5)
+            deployment = client.read_deployment_by_name("retrain/retrain")
+
+            # 40 new images (>= 32) arrive: the watch emits the event, the trigger starts a run.
+            train = read_idx(fashion_mnist_dir / "train-images-idx3-ubyte.gz")
+            for i in range(256, 296):
+                Image.fromarray(train[i]).save(folders["unlabeled"] / f"{i:05d}.png")
+            triggered = _wait_for_run(client, deployment.id, "new-data", timeout=600)
+            assert triggered.state.is_completed(), Path(log.name).read_text()[-4000:]
+            uri = f"sqlite:///{workspace / 'mlflow.db'}"
+            registry_client = MlflowClient(uri, registry_uri=uri)
+            version = registry_client.get_model_version("ssl-pipeline-fashion-mnist", "1")
+            assert version.tags["promotion.outcome"] == "promoted"  # considered, and promoted (first)
+            assert version.tags["data.unlabeled.sha256"]
+
+            # The weekly schedule, backfilled for the past week: Prefect's scheduler makes that run
+            # now, with no waiting. Nothing new arrived, so it ends after the data step.
+            now = datetime.datetime.now(datetime.UTC)
+            client._client.post(
+                f"/deployments/{deployment.id}/schedule",
+                json={
+                    "start_time": (now - datetime.timedelta(days=7)).isoformat(),
+                    "end_time": now.isoformat(),
+                },
+            ).raise_for_status()
+            scheduled = _wait_for_run(client, deployment.id, "schedule", timeout=300)
+            assert scheduled.state.is_completed()
+            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[scheduled.id])))
+            messages = " ".join(entry.message for entry in logs)
+            assert "Ended early (schedule run): no new data since the champion (version 1)" in messages
+            assert len(registry_client.search_model_versions("name='ssl-pipeline-fashion-mnist'")) == 1
+    finally:
+        _kill_session(served.pid)
+        served.wait()

@@ -15,34 +15,34 @@ from tests.conftest import REPO
 CLI = [sys.executable, "-m", "flows.cli"]
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def run_cli_env() -> dict[str, str]:
+    """The environment of a user's shell: none of the test process's Prefect or MLflow settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(REPO)
     env["COLUMNS"] = "200"
-    return subprocess.run([*CLI, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return env
+
+
+def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], cwd=cwd, env=run_cli_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def smoke_args(workspace: Path, *overrides: str, command: str = "run") -> list[str]:
+    """``ssl-pipeline COMMAND --profile smoke`` with ``--set`` overrides; the datasets' DVC
+    repository is ``<workspace>/dvc-repo`` (by default it is the current folder)."""
+    defaults = (f"workspace={workspace}", f"data.dvc.root={workspace / 'dvc-repo'}")
+    sets = [arg for key in (*defaults, *overrides) for arg in ("--set", key)]
+    return [command, "--config", str(REPO / "params.yaml"), "--profile", "smoke", *sets]
 
 
 def smoke_run(
     workspace: Path, *overrides: str, report: Path | None = None, timeout: int = 600
 ) -> subprocess.CompletedProcess[str]:
-    """``ssl-pipeline run --profile smoke`` in the workspace's parent folder, with ``--set`` overrides.
-
-    The datasets' DVC repository is ``<workspace>/dvc-repo`` (by default it is the current folder).
-    """
-    defaults = (f"workspace={workspace}", f"data.dvc.root={workspace / 'dvc-repo'}")
-    sets = [arg for key in (*defaults, *overrides) for arg in ("--set", key)]
+    """``ssl-pipeline run --profile smoke`` in the workspace's parent folder."""
     extra = ["--report", str(report)] if report else []
-    return run_cli(
-        "run",
-        "--config",
-        str(REPO / "params.yaml"),
-        "--profile",
-        "smoke",
-        *sets,
-        *extra,
-        cwd=workspace.parent,
-        timeout=timeout,
-    )
+    return run_cli(*smoke_args(workspace, *overrides), *extra, cwd=workspace.parent, timeout=timeout)
 
 
 def test_methods_lists_methods_and_backbones() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -51,6 +52,12 @@ def ingest(
     channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
     allow_new_classes: bool = False,
     push: Annotated[bool, typer.Option(help="Push the new version to the DVC remote.")] = True,
+    notify: Annotated[
+        bool,
+        typer.Option(
+            help="New unlabeled images: emit the event that starts a served `retrain` (PREFECT_API_URL)."
+        ),
+    ] = True,
     root: Root = Path("."),
 ) -> None:
     """Validate SOURCE, add its good images to the dataset, track the new version and push it."""
@@ -102,6 +109,14 @@ def ingest(
             console.print(f"pushed {versioning.push(root, folder)} files")
     except versioning.VersioningError as e:
         raise _fail(str(e)) from None
+    # Without a Prefect server there is no deployment to trigger (and no ephemeral one to start).
+    if notify and kind_ == "unlabeled" and report.added and os.environ.get("PREFECT_API_URL"):
+        from tasks import orchestration
+        from tasks.watch import Arrival
+
+        arrival = Arrival(str((root / folder).resolve()), report.added, report.total)
+        orchestration.emit_data_arrived(arrival, "dataset", flush=True)
+        console.print(f"emitted {orchestration.DATA_ARRIVED} ({report.added} new images)")
 
 
 @data_app.command("status")

@@ -20,6 +20,7 @@ from botocore.exceptions import ConnectionClosedError, EndpointConnectionError
 from mlflow.exceptions import MlflowException
 from prefect.cache_policies import NO_CACHE, CachePolicy
 from prefect.events import DeploymentEventTrigger, emit_event
+from prefect.events.worker import EventsWorker
 from prefect.schedules import Cron, Schedule
 from ray.exceptions import GetTimeoutError, RaySystemError
 from requests.exceptions import ConnectionError as RequestsConnectionError
@@ -126,13 +127,18 @@ def stage_options(
     }
 
 
-def emit_data_arrived(arrival: Arrival, source: str) -> None:
-    """The custom event a deployment trigger starts retraining on (``source``: watch | dataset)."""
+def emit_data_arrived(arrival: Arrival, source: str, flush: bool = False) -> None:
+    """The custom event a deployment trigger starts retraining on (``source``: watch | dataset).
+
+    ``flush`` waits until it is sent: a short-lived process (``data ingest``) exits right after.
+    """
     emit_event(
         event=DATA_ARRIVED,
         resource={"prefect.resource.id": f"{UNLABELED}.{source}", "ssl-pipeline.location": arrival.location},
         payload={"new_images": arrival.new_images, "images": arrival.images},
     )
+    if flush:
+        EventsWorker.drain_all(timeout=30)
 
 
 def retraining_schedules(cfg: PipelineConfig) -> list[Schedule]:

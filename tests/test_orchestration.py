@@ -177,6 +177,48 @@ def test_the_deployment_schedule_and_trigger_come_from_the_config(prefect_api: s
         assert action.parameters == {"reason": "new-data"}  # type: ignore[union-attr]
 
 
+def test_ingesting_new_unlabeled_images_emits_the_event_the_trigger_expects(
+    prefect_api: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, isolated_dvc: None
+) -> None:
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.schemas.events import Resource
+
+    from tests.test_data_versioning import cli, git
+
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    git("init", "-q", cwd=repo)
+    monkeypatch.setenv("PREFECT_API_URL", prefect_api)
+    assert cli("data", "init", "--root", str(repo), "--remote", str(tmp_path / "remote"))[0] == 0
+    _pngs(tmp_path / "incoming", 0, 12)
+    code, output = cli("data", "ingest", str(tmp_path / "incoming"), "--root", str(repo), "--no-push")
+    assert code == 0, output
+    assert f"emitted {orchestration.DATA_ARRIVED} (12 new images)" in output
+    code, output = cli("data", "ingest", str(tmp_path / "incoming"), "--root", str(repo), "--no-push")
+    assert code == 0 and "emitted" not in output  # nothing new, no event
+
+    from prefect.client.orchestration import get_client
+
+    query = EventFilter(event=EventNameFilter(name=[orchestration.DATA_ARRIVED])).model_dump(mode="json")
+    events: list[dict[str, Any]] = []
+    deadline = time.monotonic() + 30
+    with get_client(sync_client=True) as client:
+        while not events and time.monotonic() < deadline:  # the server stores events in batches
+            time.sleep(0.5)
+            response = client._client.post("/events/filter", json={"filter": query})
+            response.raise_for_status()
+            events = [
+                e
+                for e in response.json()["events"]
+                if e["resource"]["prefect.resource.id"].endswith(".dataset")
+            ]
+    assert [e["payload"] for e in events] == [{"new_images": 12, "images": 12}]
+    # The deployment's trigger matches it (Prefect's own matching), and would not match others.
+    trigger = orchestration.retraining_triggers()[0]
+    assert trigger.match.matches(Resource.model_validate(events[0]["resource"]))
+    assert not trigger.match.matches(Resource.model_validate({"prefect.resource.id": "other.dataset"}))
+
+
 # Slow: the CLI and `ssl-pipeline serve` in their own processes, on real Fashion-MNIST.
 
 

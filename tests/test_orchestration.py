@@ -407,3 +407,35 @@ def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
     finally:
         _kill_session(served.pid)
         served.wait()
+
+
+def test_prefect_yaml_deploys_what_serve_registers() -> None:
+    """The work-pool deployment (prefect.yaml) and `ssl-pipeline serve` schedule and trigger alike."""
+    import importlib
+
+    import yaml
+    from prefect.events import DeploymentEventTrigger
+
+    from flows.deployment import retrain
+    from tasks.config import load_config
+    from tests.conftest import REPO
+
+    (spec,) = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+    cfg = load_config(REPO / "params.yaml")
+    assert spec["name"] == cfg.orchestration.deployment
+    path, _, name = spec["entrypoint"].partition(":")
+    module = importlib.import_module(path.removesuffix(".py").replace("/", "."))
+    assert getattr(module, name) is retrain
+    assert set(spec["parameters"]) <= set(retrain.parameters.properties)
+    (schedule,) = spec["schedules"]
+    (expected,) = orchestration.retraining_schedules(cfg)
+    assert (schedule["cron"], schedule["timezone"], schedule["parameters"]) == (
+        expected.cron,
+        expected.timezone,
+        expected.parameters,
+    )
+    (trigger,) = spec["triggers"]
+    parsed = DeploymentEventTrigger.model_validate({k: v for k, v in trigger.items() if k != "type"})
+    (served,) = orchestration.retraining_triggers()
+    for field in ("name", "expect", "match", "parameters"):
+        assert getattr(parsed, field) == getattr(served, field), field

@@ -78,6 +78,33 @@ def test_stage_options_cache_only_with_a_key_and_persist_in_the_workspace(tmp_pa
     assert "result_storage" not in orchestration.stage_options(off, "sweep", "sweep-abc")
 
 
+def test_a_stage_retries_a_transient_failure_and_not_a_bad_input(prefect_api: str, tmp_path: Path) -> None:
+    from prefect import flow, task
+
+    cfg = PipelineConfig.model_validate(
+        {"workspace": str(tmp_path / "ws"), "orchestration": {"retries": 2, "retry_delay_seconds": 0}}
+    )
+    calls: list[str] = []
+
+    @task
+    def flaky(error: Exception) -> str:
+        calls.append(type(error).__name__)
+        if len(calls) == 1:
+            raise error
+        return "done"
+
+    @flow
+    def stage(error: Exception) -> str:
+        return flaky.with_options(**orchestration.stage_options(cfg, "sweep"))(error)
+
+    assert stage(ConnectionRefusedError("the MLflow server is restarting")) == "done"
+    assert calls == ["ConnectionRefusedError", "ConnectionRefusedError"]
+    calls.clear()
+    with pytest.raises(DataError, match="cannot decode"):
+        stage(DataError("data/unlabeled/x.png: cannot decode"))
+    assert calls == ["DataError"]  # not retried
+
+
 def _pngs(folder: Path, start: int, count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):

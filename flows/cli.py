@@ -128,9 +128,11 @@ def run(
     prepare_environment(cfg)
     start = time.perf_counter()
     from flows.pipeline import ssl_pipeline
+    from flows.progress import progress_bars
 
     try:
-        result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
+        with progress_bars(console):
+            result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
         raise typer.Exit(1) from None

@@ -12,8 +12,9 @@ registry writes run in a Prefect transaction: if the gate fails, the registratio
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,18 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.transactions import Transaction, get_transaction, transaction
 
-from tasks import data, orchestration, plots, pretrain, promotion, registry, sweep, tracking, versioning
+from tasks import (
+    data,
+    orchestration,
+    plots,
+    pretrain,
+    progress,
+    promotion,
+    registry,
+    sweep,
+    tracking,
+    versioning,
+)
 from tasks.config import PipelineConfig
 
 
@@ -51,8 +63,34 @@ end_run = _task(tracking.end_run, "end-mlflow-run")
 def pretrain_encoder(
     cfg: PipelineConfig, prepared: data.PreparedData, run_id: str
 ) -> pretrain.PretrainOutput:
-    """Ray Train workers pretrain; the rank-0 worker logs each epoch to the pipeline's MLflow run."""
-    return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=tracking.epoch_logger(cfg, run_id))
+    """Ray Train workers pretrain; the rank-0 worker logs each epoch to the pipeline's MLflow run,
+    which a thread here reads for the progress bar."""
+    with _epoch_progress(cfg, run_id):
+        return pretrain.pretrain_encoder(cfg, prepared, on_epoch_end=tracking.epoch_logger(cfg, run_id))
+
+
+@contextmanager
+def _epoch_progress(cfg: PipelineConfig, run_id: str, every: float = 2.0) -> Iterator[None]:
+    """Report the epochs the MLflow run holds every ``every`` seconds, when anyone listens."""
+    if not progress.listened():
+        yield
+        return
+    stop = threading.Event()
+
+    def poll() -> None:
+        while True:
+            with suppress(Exception):  # a progress bar must never fail the run
+                progress.report("pretrain epochs", tracking.logged_epochs(cfg, run_id), cfg.pretrain.epochs)
+            if stop.wait(every):
+                return
+
+    thread = threading.Thread(target=poll, name="epoch-progress", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @task(name="sweep", cache_policy=NO_CACHE)

@@ -29,6 +29,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
 from ssl_models.evaluate import extract_features
+from tasks import progress
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
@@ -140,8 +141,8 @@ class TrialRuns(Protocol):
 class RecordTrials(tune.Callback):
     """Opens a run per trial when Tune starts it, logs each report, and ends it with the trial."""
 
-    def __init__(self, runs: TrialRuns | None, phase: str) -> None:
-        self.runs, self.phase = runs, phase
+    def __init__(self, runs: TrialRuns | None, phase: str, total: int = 0) -> None:
+        self.runs, self.phase, self.total = runs, phase, total
         self.run_ids: dict[str, str] = {}
         self.last: dict[str, dict[str, Any]] = {}
         self.completed = 0
@@ -177,13 +178,17 @@ class RecordTrials(tune.Callback):
             else f"stopped by ASHA at {100 * last.get('progress', 0):.0f}% of its steps"
         )
         self.completed += 1
+        total = max(self.total, len(trials))
         progress_logger().info(
-            f"{self.phase} trial {self.completed}/{len(trials)} {spec_of(trial.config).name}: "
+            f"{self.phase} trial {self.completed}/{total} {spec_of(trial.config).name}: "
             f"val {100 * last.get(METRIC, 0):.1f}%, {outcome}"
         )
+        progress.report(f"sweep: {self.phase} trials", self.completed, total)
 
     def on_trial_error(self, iteration: int, trials: list[Trial], trial: Trial, **info: Any) -> None:
         self._end(trial, "FAILED")
+        self.completed += 1
+        progress.report(f"sweep: {self.phase} trials", self.completed, max(self.total, len(trials)))
         progress_logger().info(f"{self.phase} trial {spec_of(trial.config).name} failed: {trial.error_file}")
 
 
@@ -312,7 +317,7 @@ def run_sweep(
     scheduler: TrialScheduler = FIFOScheduler()
     if ev.asha.enabled:
         scheduler = CellASHA(ev.asha.reports, ev.asha.grace_period, ev.asha.reduction_factor)
-    search_callback = RecordTrials(runs, "search")
+    search_callback = RecordTrials(runs, "search", len(search_specs))
     grid = _fit(cfg, f"{name}-search", search_specs, inputs, scheduler, search_callback)
     stopped = scheduler.stopped if isinstance(scheduler, CellASHA) else set()
     records = _records(grid, "search", search_callback, stopped)
@@ -328,7 +333,7 @@ def run_sweep(
         for seed in other_seeds
     ]
     if repeat_specs:
-        repeat_callback = RecordTrials(runs, "repeat")
+        repeat_callback = RecordTrials(runs, "repeat", len(repeat_specs))
         grid = _fit(cfg, f"{name}-repeat", repeat_specs, inputs, FIFOScheduler(), repeat_callback)
         records += _records(grid, "repeat", repeat_callback, set())
 

@@ -168,6 +168,11 @@ class EpochLogger:
             client.log_batch(self.run_id, metrics=metrics)
 
 
+def logged_epochs(cfg: PipelineConfig, run_id: str) -> int:
+    """How many pretraining epochs the run holds (what the rank-0 worker logged so far)."""
+    return len(client_for(cfg).get_metric_history(run_id, "pretrain_loss"))
+
+
 def epoch_logger(cfg: PipelineConfig, run_id: str) -> EpochLogger:
     client_for(cfg)
     return EpochLogger(tracking_uri(cfg), run_id)

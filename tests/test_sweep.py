@@ -16,7 +16,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tasks import evaluate, plots, tracking
+from tasks import evaluate, plots, progress, tracking
 from tasks.config import PipelineConfig, load_config
 from tasks.data import PreparedData, prepare_data
 from tasks.evaluate import eval_inputs, feature_cache_path, label_splits, run_trial, trial_specs
@@ -50,7 +50,9 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     cfg = config(tmp_path / "ws")
     data = prepare_data(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
-    output = run_sweep(cfg, data, encoder_file(cfg, data), tracking.trial_runs(cfg, run_id))
+    reports: list[tuple[str, int, int]] = []
+    with progress.listening(lambda *report: reports.append(report)):
+        output = run_sweep(cfg, data, encoder_file(cfg, data), tracking.trial_runs(cfg, run_id))
     figures = plots.sweep_figures(output)
     tracking.log_sweep(cfg, run_id, output, figures)
     tracking.end_run(cfg, run_id)
@@ -67,6 +69,10 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     search = trial_specs(cfg, 0)
     repeats = [c for c in output.cells if c.protocol != "knn"]  # kNN has no seed to repeat
     assert len(output.trials) == len(search) + len(repeats)
+    # The progress bars' feed: each finished trial, counted per phase, up to the phase's size.
+    for phase, size in (("search", len(search)), ("repeat", len(repeats))):
+        counts = [done for what, done, total in reports if what == f"sweep: {phase} trials" and total == size]
+        assert counts == list(range(1, size + 1)), (phase, reports)
 
     client = tracking.client_for(cfg)
     runs = children(client, run_id)

@@ -140,6 +140,30 @@ def _mlflow_run(
     end_run(cfg, run_id)
 
 
+def _store(cfg: PipelineConfig) -> list[str]:
+    """What a cached stage's MLflow runs live in: another store means other runs."""
+    return [tracking.tracking_uri(cfg), cfg.tracking.experiment]
+
+
+def _cached(stage: Any, cfg: PipelineConfig, name: str, key: str, refresh: bool, *args: Any) -> Any:
+    """Run ``stage`` with its cache key; recompute once if what the cached result names is gone."""
+    result = stage.with_options(**orchestration.stage_options(cfg, name, key, refresh))(cfg, *args)
+    if not _files_exist(result):
+        result = stage.with_options(**orchestration.stage_options(cfg, name, key, True))(cfg, *args)
+    return result
+
+
+def _files_exist(result: data.PreparedData | PretrainingResult | SweepResult) -> bool:
+    """Whether the workspace still holds the files a (cached) result names."""
+    if isinstance(result, data.PreparedData):
+        paths = [ref.path for ref in result.refs()]
+    elif isinstance(result, PretrainingResult):
+        paths = [result.pretrain.encoder_path, result.pretrain.checkpoint_path]
+    else:
+        paths = [str(result.sweep.best_model_path), str(result.sweep.figure_data_path)]
+    return all(Path(p).exists() for p in paths)
+
+
 @task(name="data", cache_policy=NO_CACHE)
 def data_stage(cfg: PipelineConfig, refresh: bool = False) -> data.PreparedData:
     """Ingest and version (DVC), then the datasets as tensors, cached on the DVC hashes."""
@@ -148,13 +172,7 @@ def data_stage(cfg: PipelineConfig, refresh: bool = False) -> data.PreparedData:
     ingest_data(cfg)
     versions = version_data(cfg)
     key = orchestration.stage_key("prepare-data", versions, cfg.model_dump(mode="json", include={"data"}))
-    prepared: data.PreparedData = prepare_data.with_options(
-        **orchestration.stage_options(cfg, "data", key, refresh)
-    )(cfg, versions)
-    if not all(Path(ref.path).exists() for ref in prepared.refs()):  # the workspace was cleared
-        prepared = prepare_data.with_options(**orchestration.stage_options(cfg, "data", key, True))(
-            cfg, versions
-        )
+    prepared: data.PreparedData = _cached(prepare_data, cfg, "data", key, refresh, versions)
     return prepared
 
 
@@ -177,27 +195,6 @@ def sweep_stage(
         log_sweep(cfg, run_id, output, sweep_figures(output))
         model_uri = log_classifier(cfg, run_id, prepared, output.best_model_path, output.classes)
     return SweepResult(run_id, pretrain_run_id, prepared, output, model_uri)
-
-
-def _store(cfg: PipelineConfig) -> list[str]:
-    """What a cached stage's MLflow runs live in: another store means other runs."""
-    return [tracking.tracking_uri(cfg), cfg.tracking.experiment]
-
-
-def _cached(stage: Any, cfg: PipelineConfig, name: str, key: str, refresh: bool, *args: Any) -> Any:
-    """Run ``stage`` with its cache key; recompute once if what the cached result names is gone."""
-    result = stage.with_options(**orchestration.stage_options(cfg, name, key, refresh))(cfg, *args)
-    if not _files_exist(result):
-        result = stage.with_options(**orchestration.stage_options(cfg, name, key, True))(cfg, *args)
-    return result
-
-
-def _files_exist(result: PretrainingResult | SweepResult) -> bool:
-    if isinstance(result, PretrainingResult):
-        paths = [result.pretrain.encoder_path, result.pretrain.checkpoint_path]
-    else:
-        paths = [str(result.sweep.best_model_path), str(result.sweep.figure_data_path)]
-    return all(Path(p).exists() for p in paths)
 
 
 def _pretraining(

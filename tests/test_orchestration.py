@@ -105,6 +105,42 @@ def test_a_stage_retries_a_transient_failure_and_not_a_bad_input(prefect_api: st
     assert calls == ["DataError"]  # not retried
 
 
+def test_a_cached_stage_is_reused_across_runs_and_recomputed_when_its_files_are_gone(
+    prefect_api: str, tmp_path: Path
+) -> None:
+    from prefect import flow, task
+
+    from flows.pipeline import _cached
+    from tasks.data import DatasetRef, PreparedData
+
+    cfg = PipelineConfig.model_validate({"workspace": str(tmp_path / "ws")})
+    calls: list[int] = []
+
+    @task
+    def prepare(cfg: PipelineConfig, size: int) -> PreparedData:
+        calls.append(size)
+        path = tmp_path / f"tensors-{size}.pt"
+        path.write_bytes(b"x" * size)
+        ref = DatasetRef("unlabeled", str(path), "0" * 64, size, ())
+        return PreparedData(ref, ref, ref, 0.5, 0.25)
+
+    @flow
+    def run(size: int, refresh: bool = False) -> PreparedData:
+        key = orchestration.stage_key("prepare-test", size)
+        result: PreparedData = _cached(prepare, cfg, "data", key, refresh, size)
+        return result
+
+    first = run(3)
+    assert run(3) == first and calls == [3]  # the second run: from the persisted result
+    assert list((tmp_path / "ws" / "prefect" / "results").iterdir())
+    run(4)
+    assert calls == [3, 4]  # another key
+    Path(first.unlabeled.path).unlink()  # the workspace lost the file the cached result names
+    assert run(3) == first and calls == [3, 4, 3] and Path(first.unlabeled.path).exists()
+    run(3, refresh=True)
+    assert calls == [3, 4, 3, 3]
+
+
 def _pngs(folder: Path, start: int, count: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(start, start + count):

@@ -54,6 +54,8 @@ def _aliases(row: str) -> set[str]:
     return set(re.findall(r"(?:^|\s)@ (\S+)", row))
 
 
+# Explicit: a session fixture that other tests parametrize may otherwise hand over a stopped server.
+@pytest.mark.parametrize("mlflow_server", ["sqlite"], indirect=True)
 def test_the_model_page_shows_the_champion_alias_on_version_2(mlflow_server: Any, browser: Browser) -> None:
     from mlflow import MlflowClient
 

@@ -463,8 +463,11 @@ def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
             ).raise_for_status()
             scheduled = _wait_for_run(client, deployment.id, "schedule", timeout=300)
             assert scheduled.state.is_completed()
-            logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[scheduled.id])))
-            messages = " ".join(entry.message for entry in logs)
+            messages, deadline = "", time.monotonic() + 60
+            while "Ended early" not in messages and time.monotonic() < deadline:  # logs arrive in batches
+                logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[scheduled.id])))
+                messages = " ".join(entry.message for entry in logs)
+                time.sleep(1)
             assert "Ended early (schedule run): no new data since the champion (version 1)" in messages
             assert len(registry_client.search_model_versions("name='ssl-pipeline-fashion-mnist'")) == 1
     finally:

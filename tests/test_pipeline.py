@@ -164,8 +164,7 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert f"pretraining run {pretraining.info.run_id} (FINISHED" in chain.stdout
     assert f"git {champion.tags['git.commit']}" in chain.stdout
 
-    # Same data and code again: the pretraining checkpoint is reused, the sweep gives the same
-    # weights, and nothing new is registered.
+    # Same data and code again: the stages come from the cache, and nothing new is registered.
     again = smoke_run(workspace, report=tmp_path / "again.json")
     assert again.returncode == 0, again.stdout + again.stderr
     assert "not registered: version 1 already holds these weights" in again.stdout
@@ -173,10 +172,9 @@ def test_smoke_run_registers_a_champion_and_a_rerun_keeps_it(tmp_path: Path) -> 
     assert len(client.search_model_versions(f"name='{name}'")) == 1
     second = json.loads((tmp_path / "again.json").read_text())
     assert (second["registered"], second["model_version"]) == (False, "1")
-    second_pretraining = client.get_run(second["pretrain_run_id"]).data
-    assert second_pretraining.tags["pretrain.resumed_from_step"] == str(
-        int(pretraining.data.metrics["pretrain_steps"])
-    )
+    # The pretraining and sweep stages came from Prefect's cache: the same runs, none new.
+    assert (second["pretrain_run_id"], second["sweep_run_id"]) == (pretraining.info.run_id, run.info.run_id)
+    assert len(client.search_runs([run.info.experiment_id], "tags.`pipeline.step` = 'pretrain'")) == 1
     (tmp_path / "again.json").unlink()
 
     # A corrupt image in new data stops the run with one sentence naming the file; what the

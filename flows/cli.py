@@ -14,8 +14,9 @@ from rich.console import Console
 from rich.table import Table
 
 from flows.data_cli import data_app
+from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
-from tasks.config import ConfigError, PipelineConfig, load_config
+from tasks.config import PipelineConfig
 
 app = typer.Typer(
     help="Self-supervised transfer learning: data -> pretraining -> evaluation -> registry.",
@@ -26,21 +27,6 @@ console = Console()
 app.add_typer(data_app, name="data")
 app.add_typer(stack_app, name="stack")
 
-ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
-Profile = Annotated[
-    str,
-    typer.Option(
-        "--profile",
-        "-p",
-        envvar="SSL_PIPELINE_PROFILE",
-        help="smoke | default | full | stack, or any profile in the file.",
-    ),
-]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a key, e.g. --set pretrain.epochs=5 (repeatable)."),
-]
-
 TELEMETRY_OFF = {
     "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
     "DVC_NO_ANALYTICS": "1",
@@ -50,11 +36,7 @@ TELEMETRY_OFF = {
 
 
 def _load(config: Path, profile: str, overrides: list[str] | None) -> PipelineConfig:
-    try:
-        return load_config(config, profile, overrides or [])
-    except ConfigError as e:
-        console.print(f"[red]Invalid configuration:[/red]\n{e}", highlight=False)
-        raise typer.Exit(2) from None
+    return load(config, profile, overrides, console)
 
 
 def prepare_environment(cfg: PipelineConfig) -> None:

@@ -12,7 +12,8 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
-from tasks.config import ConfigError, StackConfig, load_config
+from flows.options import ConfigPath, Overrides, Profile, load
+from tasks.config import StackConfig
 from tasks.stack import TITLES, ServiceStatus, Stack, StackError, log_tail, stack_overrides
 
 stack_app = typer.Typer(
@@ -24,23 +25,9 @@ stack_app = typer.Typer(
 console = Console(soft_wrap=True)
 errors = Console(soft_wrap=True, stderr=True)
 
-ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
-Profile = Annotated[
-    str, typer.Option("--profile", "-p", envvar="SSL_PIPELINE_PROFILE", help="A profile of the file.")
-]
-Overrides = Annotated[
-    list[str] | None,
-    typer.Option("--set", "-s", help="Override a key, e.g. --set stack.mlflow_port=5001 (repeatable)."),
-]
-
 
 def _stack(config: Path, profile: str, overrides: list[str] | None) -> Stack:
-    try:
-        cfg = load_config(config, profile, overrides or [])
-    except ConfigError as e:
-        errors.print(f"[red]Invalid configuration:[/red]\n{e}", highlight=False)
-        raise typer.Exit(2) from None
-    return Stack(cfg)
+    return Stack(load(config, profile, overrides, errors))
 
 
 def _fail(message: str) -> typer.Exit:

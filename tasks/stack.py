@@ -155,6 +155,20 @@ def _alive(pid: int, workdir: Path) -> bool:
         return False
 
 
+def _exit_code(pid: int, timeout: float = 5.0) -> int | None:
+    """The exit code of a child this process started, once it is reaped; None for others.
+
+    ``_alive`` can see a child as gone (its ``/proc`` entry lost its cwd) a moment before
+    ``poll`` can reap it, so wait briefly rather than read ``returncode`` while it is still unset.
+    """
+    child = _CHILDREN.get(pid)
+    if child is None:
+        return None
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        return child.wait(timeout=timeout)
+    return None
+
+
 def _terminate(pid: int, timeout: float = STOP_SECONDS) -> None:
     """SIGTERM to the process group ``pid`` leads, SIGKILL to whatever is left after ``timeout``."""
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -543,7 +557,7 @@ class Stack:
         deadline = time.monotonic() + timeout
         while not self.healthy(name):
             if not _alive(pid, self.workdir(name)):
-                code = _CHILDREN[pid].returncode if pid in _CHILDREN else None
+                code = _exit_code(pid)
                 exited = f" with code {code}" if code is not None else ""
                 raise StackError(
                     f"{TITLES[name]} exited{exited} while starting; see {self.log(name)}", self.log(name)

@@ -229,6 +229,23 @@ def test_a_failing_server_stops_what_up_started(tmp_path: Path, monkeypatch: pyt
     assert _leftovers(tmp_path) == []
 
 
+def test_the_exit_code_is_read_even_when_the_child_is_not_reaped_yet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The race of the CI run on 90139f6: ``_alive`` saw MLflow gone before ``poll`` reaped it, and
+    the error lost its exit code. Here ``_alive`` says gone while the child still runs."""
+    monkeypatch.setattr(
+        stack.Stack, "_command", lambda self, name, creds: (["sh", "-c", "sleep 0.5; exit 3"], {})
+    )
+    monkeypatch.setattr(stack.Stack, "healthy", lambda self, name: False)
+    monkeypatch.setattr(stack, "_alive", lambda pid, workdir: False)
+    s = stack.Stack(config(tmp_path, backend="sqlite"))
+    pid = s._start("mlflow", stack.Credentials("a", "b", "c"))
+    with pytest.raises(stack.StackError, match="MLflow server exited with code 3 while starting"):
+        s._wait_healthy("mlflow", pid)
+    assert stack._exit_code(pid) == 3
+
+
 # The container files: docker is not on this machine, so they are checked by parsing.
 
 

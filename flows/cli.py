@@ -435,6 +435,38 @@ def show_config(
     console.print_json(_load(config, profile, overrides).model_dump_json())
 
 
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
+
+
+def bench_names() -> list[str]:
+    """The benchmarks of a source checkout: bench/<name>.py with a ``main``."""
+    if not BENCH_DIR.is_dir():
+        return []
+    return sorted(
+        p.stem for p in BENCH_DIR.glob("*.py") if not p.stem.startswith("_") and "def main(" in p.read_text()
+    )
+
+
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The benchmark: bench/NAME.py (its own options follow).")],
+) -> None:
+    """Run a benchmark of bench/ (python -m bench.NAME); it writes its JSON to bench/results/."""
+    names = bench_names()
+    if name not in names:
+        listed = ", ".join(names) or "none: bench/ comes with a source checkout"
+        console.print(f"[red]error:[/red] no benchmark {name!r}; choose one of: {listed}", highlight=False)
+        raise typer.Exit(2)
+    import importlib
+
+    root = str(BENCH_DIR.parent)
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    sys.argv = [f"ssl-pipeline bench {name}", *ctx.args]
+    importlib.import_module(f"bench.{name}").main()  # argparse reads sys.argv
+
+
 def main() -> None:
     app()
 

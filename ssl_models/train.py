@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
@@ -23,6 +23,8 @@ from ssl_models.augment import AugmentParams, to_float
 from ssl_models.distributed import all_reduce_sum, convert_sync_batchnorm, world_size
 from ssl_models.distributed import rank as get_rank
 from ssl_models.methods import SSLMethod
+
+Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,15 @@ class TrainSettings:
     seed: int = 0
     checkpoint_every_steps: int = 0  # 0: at the end of each epoch only
     channels_last: bool = True
+    precision: Precision = "fp32"  # bf16: autocast the forward pass and the loss to bfloat16
+    compile: bool = False  # torch.compile the forward pass and the loss
+    fused_optimizer: bool = True  # AdamW's fused kernel, when every parameter is on a GPU
+
+    def __post_init__(self) -> None:
+        if self.precision not in get_args(Precision):
+            raise ValueError(
+                f"unknown precision {self.precision!r}; choose one of {list(get_args(Precision))}"
+            )
 
 
 @dataclass
@@ -64,15 +75,21 @@ def total_steps(num_images: int, settings: TrainSettings) -> int:
 
 
 def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Optimizer:
-    """No weight decay on biases and norm parameters (Goyal et al. 2017, section 5.1)."""
+    """No weight decay on biases and norm parameters (Goyal et al. 2017, section 5.1).
+
+    AdamW is fused (one kernel launch for all parameters) when ``settings.fused_optimizer`` and
+    every parameter is on a GPU; on a CPU it keeps PyTorch's default implementation.
+    """
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
     groups = [
         {"params": decay, "weight_decay": settings.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
+    params = decay + no_decay
+    fused = settings.fused_optimizer and bool(params) and all(p.is_cuda for p in params)
     if settings.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=settings.lr)
+        return torch.optim.AdamW(groups, lr=settings.lr, fused=fused or None)
     if settings.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=settings.lr, momentum=settings.momentum, nesterov=True)
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose adamw or sgd")
@@ -125,6 +142,11 @@ def pretrain(
     history (loss, images/s) is of the global batch.
 
     ``stop_at_step`` ends the run early after saving a checkpoint (used to test resuming).
+
+    The step's losses stay on the device and are read once per epoch and before each
+    checkpoint, so the CPU never waits for the GPU to report a loss. A non-finite loss is
+    found at those reads, naming its step, before it reaches the history or a checkpoint;
+    the steps after it until the read are wasted, which a diverged run can afford.
     """
     device = torch.device(device)
     world, rank = world_size(), get_rank()
@@ -142,6 +164,8 @@ def pretrain(
     if world > 1:
         convert_sync_batchnorm(method)  # in place: a method is never itself a BatchNorm
         model = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None)
+    # The compiled module shares ``method``'s parameters; checkpoints keep ``method``'s keys.
+    step_loss = torch.compile(model) if settings.compile else model
     optimizer = build_optimizer(method, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_cosine(total, round(settings.warmup_epochs * steps_per_epoch))
@@ -155,12 +179,24 @@ def pretrain(
         on_checkpoint = partial(_save_atomic, path=checkpoint_path)
     if resume_from is not None:
         method.load_state_dict(resume_from["model"])
-        optimizer.load_state_dict(resume_from["optimizer"])
+        optimizer.load_state_dict(resume_from["optimizer"])  # fused or not, as it was saved
         scheduler.load_state_dict(resume_from["scheduler"])
         torch.set_rng_state(resume_from["rng"])
         result.steps = result.resumed_from_step = resume_from["step"]
         result.history = resume_from["history"]
         running = resume_from["running"]
+
+    pending: list[torch.Tensor] = []  # this rank's losses since the last read, on the device
+
+    def read_losses() -> None:
+        # One wait for the device for all the steps since the last read.
+        values = torch.stack(pending).tolist() if pending else []
+        first_step = result.steps - len(values)
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(f"loss is {value} at step {first_step + i}; lower the lr")
+            running["loss_sum"] += value
+        pending.clear()
 
     def save() -> None:
         # Called on every rank (a collective): the saved partial loss is the ranks' mean, so
@@ -181,29 +217,34 @@ def pretrain(
             )
 
     model.train()
+    bf16 = settings.precision == "bf16"
     while result.steps < total:
         epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
         order = torch.randperm(n, generator=step_generator(settings.seed, -1 - epoch))
         start = time.perf_counter()
-        batch = images[order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]]
+        rows = order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]
+        batch = images[rows.to(images.device, non_blocking=True)]
         g = step_generator(settings.seed, result.steps)
         x = to_float(batch.to(device, non_blocking=True))
         views = method.make_views(x, aug, g)
         if world > 1:
             views = [v.chunk(world)[rank] for v in views]
-        loss = model([_to_memory_format(v, memory_format) for v in views])
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at step {result.steps}; lower the lr")
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = step_loss([_to_memory_format(v, memory_format) for v in views])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         scheduler.step()
         result.steps += 1
         method.on_step_end(result.steps / total)
-        running["loss_sum"] += loss.item()
+        pending.append(loss.detach())
+        end_of_epoch = result.steps % steps_per_epoch == 0
+        every = settings.checkpoint_every_steps
+        checkpoint = end_of_epoch or (every > 0 and result.steps % every == 0) or result.steps == stop_at_step
+        if checkpoint:
+            read_losses()  # waits for the device: the step's seconds include its queued work
         running["steps"] += 1
         running["seconds"] += time.perf_counter() - start
-        end_of_epoch = result.steps % steps_per_epoch == 0
         if end_of_epoch:
             # The global batch's loss: the mean of the ranks' losses (each the loss of its rows).
             loss_sum = all_reduce_sum(torch.tensor(running["loss_sum"], dtype=torch.float64)).item() / world
@@ -217,8 +258,7 @@ def pretrain(
             running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
             if on_epoch_end:
                 on_epoch_end(row)
-        every = settings.checkpoint_every_steps
-        if end_of_epoch or (every and result.steps % every == 0) or result.steps == stop_at_step:
+        if checkpoint:
             save()
         if result.steps == stop_at_step:
             break

@@ -31,7 +31,7 @@ from ssl_models.augment import AugmentParams
 from ssl_models.backbones import BACKBONES
 from ssl_models.evaluate import LinearProbeSettings
 from ssl_models.methods import METHODS, method_params
-from ssl_models.train import TrainSettings
+from ssl_models.train import Precision, TrainSettings
 
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -131,6 +131,8 @@ class PretrainConfig(OptimConfig):
     epochs: Annotated[int, Field(gt=0)] = 10
     warmup_epochs: Annotated[float, Field(ge=0)] = 1.0
     checkpoint_every_steps: Annotated[int, Field(ge=0)] = 0
+    precision: Precision = "fp32"
+    compile: bool = False
 
     @field_validator("method")
     @classmethod

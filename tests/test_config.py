@@ -1,3 +1,4 @@
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -45,6 +46,8 @@ def test_override_sets_nested_key_with_yaml_typing() -> None:
         ("pretrain.method=mae", "model.backbone"),
         ("pretrain.method_params={tau: 0.1}", "pretrain.method_params"),
         ("pretrain.method_params={temperature: warm}", "pretrain.method_params.temperature"),
+        ("pretrain.precision=fp16", "pretrain.precision"),
+        ("pretrain.compile=maybe", "pretrain.compile"),
         ("data.source=folder", "data"),
         ("seed.x=1", "--set seed.x"),
     ],
@@ -87,6 +90,20 @@ def test_sections_become_the_loop_settings() -> None:
     )
     finetune = cfg.evaluate.finetune.settings(seed=1)
     assert (finetune.lr, finetune.batch_size) == (cfg.evaluate.finetune.lr, cfg.evaluate.finetune.batch_size)
+
+
+def test_full_profile_trains_in_bf16_and_the_default_as_before() -> None:
+    full = load_config(PARAMS, "full").pretrain.settings(seed=0)
+    default = load_config(PARAMS).pretrain.settings(seed=0)
+    # compile stays off in `full`: torch.compile needs a C compiler the pipeline image lacks
+    assert (full.precision, full.compile, default.precision, default.compile) == (
+        "bf16",
+        False,
+        "fp32",
+        False,
+    )
+    cpu_run = load_config(PARAMS, "full", ["pretrain.precision=fp32", "pretrain.compile=false"])
+    assert cpu_run.pretrain.settings(seed=0) == replace(full, precision="fp32", compile=False)
 
 
 def test_search_grid_names_a_bad_key_or_value_and_puts_the_base_config_first() -> None:

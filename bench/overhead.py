@@ -3,14 +3,14 @@ bare ``ssl_models`` loop doing the same work, and the peak memory of both and of
 
 Three processes, one after the other, in a fresh workspace (``workspace/bench/overhead``):
 
-1. the data step, ``ssl-pipeline stage prepare``: ingest Fashion-MNIST into DVC-tracked folders,
-   version and push them (the same task as the flow's data step);
+1. the data step (``python -m bench.overhead data``): the flow's data tasks without Prefect,
+   ingest Fashion-MNIST into DVC-tracked folders, version and push them, load them as tensors;
 2. the bare loop (``python -m bench.overhead bare``): read those folders, pretrain the same epochs
    with ``ssl_models.train.pretrain`` in the process, then the same evaluation trials with
    ``tasks.evaluate.run_trial``; no Prefect, Ray, MLflow or DVC;
-3. ``ssl-pipeline run`` on the same workspace: Prefect's ephemeral API, the data step (its DVC
-   hashes unchanged, so cached), pretraining on Ray Train, the sweep on Ray Tune, MLflow
-   logging, the registry and the promotion gate.
+3. ``ssl-pipeline run`` on the same workspace: Prefect's ephemeral API, the data step (the
+   images already ingested and their DVC hashes unchanged: checked, not redone), pretraining
+   on Ray Train, the sweep on Ray Tune, MLflow logging, the registry and the promotion gate.
 
 Both do the same pretraining (the profile's epochs, images and batch) and the same evaluation:
 the sweep is cut to one config per cell (kNN and linear probe at 1% of the labels, seed 0) so
@@ -114,6 +114,22 @@ def sets(workspace: Path, overrides: list[str]) -> list[str]:
     return [arg for key in keys for arg in ("--set", key)]
 
 
+def data_step(profile: str, overrides: list[str]) -> None:
+    """The flow's data step (``flows.pipeline.data_stage``) without Prefect; its result for ``bare``."""
+    from dataclasses import asdict
+
+    from tasks.config import load_config
+    from tasks.data import ingest_sources, prepare_data
+    from tasks.versioning import version_datasets
+
+    cfg = load_config(REPO / "params.yaml", profile, overrides)
+    ingest_sources(cfg)
+    prepared = prepare_data(cfg, version_datasets(cfg))
+    path = cfg.workspace_path / "stages" / "prepare.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(asdict(prepared), indent=2) + "\n")
+
+
 def bare(profile: str, overrides: list[str]) -> None:
     """The same pretraining and evaluation as the run, in this process, on the versioned folders."""
     import torch
@@ -148,14 +164,14 @@ def bare(profile: str, overrides: list[str]) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("mode", nargs="?", default="all", choices=["all", "bare"])
+    parser.add_argument("mode", nargs="?", default="all", choices=["all", "data", "bare"])
     parser.add_argument("--profile", default="default")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--workspace", type=Path, default=REPO / "workspace" / "bench" / "overhead")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
-    if args.mode == "bare":
-        bare(args.profile, args.overrides)
+    if args.mode != "all":
+        {"data": data_step, "bare": bare}[args.mode](args.profile, args.overrides)
         return {}
 
     workspace = args.workspace.resolve()
@@ -164,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     logs = workspace.parent / "overhead-logs"
     steps: dict[str, Measured] = {}
     commands = {
-        "data_step": [*CLI, "stage", "prepare", *common],
+        "data_step": [sys.executable, "-m", "bench.overhead", "data", *common],
         "bare": [sys.executable, "-m", "bench.overhead", "bare", *common],
         "run": [*CLI, "run", *common, "--report", str(workspace / "run-report.json")],
     }

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import statistics
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -27,29 +29,16 @@ from torch.profiler import ProfilerActivity, profile, record_function
 from ssl_models import create_method
 from ssl_models.augment import to_float
 from ssl_models.train import build_optimizer, step_generator, total_steps, warmup_cosine
-from tasks.config import load_config
-from tasks.data import load_dataset, prepare_data
+from tasks.config import PipelineConfig, load_config
+from tasks.data import PreparedData, load_dataset, prepare_data
 from tasks.pretrain import build_encoder
 
 RESULTS = Path(__file__).parent / "results" / "profile_epoch.json"
 PHASES = ("batch", "views", "forward", "backward", "optimizer")
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--profile", default="default")
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--top", type=int, default=15)
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args(argv)
-
-    cfg = load_config("params.yaml", args.profile, args.overrides)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    data = prepare_data(cfg)
-    images = load_dataset(data.unlabeled).images
+def training_step(cfg: PipelineConfig, data: PreparedData, images: torch.Tensor) -> Callable[[int], None]:
+    """Step ``i`` of the loop of ``ssl_models.train.pretrain``, its phases as profiler ranges."""
     method = create_method(
         cfg.pretrain.method, build_encoder(cfg, data.mean, data.std), cfg.pretrain.method_params
     )
@@ -58,9 +47,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     method.to(memory_format=memory_format).train()
     optimizer = build_optimizer(method, settings)
     n, batch = len(images), settings.batch_size
-    steps_per_epoch = n // batch
+    steps_per_epoch, total = n // batch, total_steps(n, settings)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps(n, settings), round(settings.warmup_epochs * steps_per_epoch))
+        optimizer, warmup_cosine(total, round(settings.warmup_epochs * steps_per_epoch))
     )
     order = torch.randperm(n, generator=step_generator(settings.seed, -1))
 
@@ -79,8 +68,60 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         with record_function("optimizer"):
             optimizer.step()
             scheduler.step()
-            method.on_step_end(i / total_steps(n, settings))
+            method.on_step_end(i / total)
         loss.item()
+
+    return step
+
+
+def compare(
+    cfg: PipelineConfig,
+    overrides: list[str],
+    data: PreparedData,
+    images: torch.Tensor,
+    change: str,
+    steps: int,
+    rounds: int,
+) -> dict[str, Any]:
+    """ms/step of the config as it is and with ``change`` (KEY=VALUE), interleaved in rounds."""
+    changed = load_config("params.yaml", cfg.profile, [*overrides, change])
+    loops = {"as_is": training_step(cfg, data, images), change: training_step(changed, data, images)}
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for r in range(rounds + 1):
+        for name, step in loops.items():
+            start = time.perf_counter()
+            for i in range(r * steps, (r + 1) * steps):
+                step(i)
+            if r:  # round 0 warms up
+                times[name].append(1000 * (time.perf_counter() - start) / steps)
+    ms = {name: round(statistics.median(t), 1) for name, t in times.items()}
+    return {"ms_per_step": ms, "ratio": round(ms[change] / ms["as_is"], 3), "rounds": rounds, "steps": steps}
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--profile", default="default")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="also time the loop with this change against it as it is, side by side",
+    )
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+
+    cfg = load_config("params.yaml", args.profile, args.overrides)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = prepare_data(cfg)
+    images = load_dataset(data.unlabeled).images
+    step = training_step(cfg, data, images)
+    settings, batch = cfg.pretrain.settings(cfg.seed), cfg.pretrain.batch_size
 
     for i in range(args.warmup):
         step(i)
@@ -123,6 +164,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             for e in ops[: args.top]
         ],
         "top_ops_by_phase": by_phase,
+        "compared": {
+            change: compare(cfg, args.overrides, data, images, change, 5, 4) for change in args.compare
+        },
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

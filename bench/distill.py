@@ -35,8 +35,9 @@ from ssl_models.distill import (
 )
 from ssl_models.evaluate import accuracy, classify, finetune
 from tasks.config import load_config
-from tasks.data import load_dataset, prepare_data
+from tasks.data import ingest_and_prepare
 from tasks.pretrain import build_encoder, load_encoder, pretrain_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "distill.json"
 LABEL_FRACTION = 0.1
@@ -55,11 +56,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     cfg = load_config("params.yaml", args.profile)
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     pretrained = pretrain_encoder(cfg, data)  # returns at once when the default run finished it
     encoder = load_encoder(cfg, data, pretrained.encoder_path)
-    unlabeled = load_dataset(data.unlabeled).images
-    labeled, test = load_dataset(data.labeled), load_dataset(data.test)
+    unlabeled = read_images(cfg, data.unlabeled).images
+    labeled, test = read_images(cfg, data.labeled), read_images(cfg, data.test)
     assert labeled.labels is not None and test.labels is not None
     num_classes = len(labeled.classes)
     idx = stratified_subset(labeled.labels, LABEL_FRACTION, seed=0)

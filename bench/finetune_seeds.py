@@ -18,8 +18,9 @@ from pathlib import Path
 from ssl_models.data import stratified_subset
 from ssl_models.evaluate import accuracy, classify, finetune
 from tasks.config import load_config
-from tasks.data import load_dataset, prepare_data
+from tasks.data import ingest_and_prepare
 from tasks.pretrain import build_encoder, load_encoder, pretrain_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "finetune_seeds.json"
 
@@ -31,10 +32,10 @@ def main() -> None:
     args = parser.parse_args()
 
     cfg = load_config("params.yaml", args.profile)
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     pretrained = pretrain_encoder(cfg, data)  # returns at once when the default run finished it
     encoder = load_encoder(cfg, data, pretrained.encoder_path)
-    labeled, test = load_dataset(data.labeled), load_dataset(data.test)
+    labeled, test = read_images(cfg, data.labeled), read_images(cfg, data.test)
     assert labeled.labels is not None and test.labels is not None
     ft = cfg.evaluate.finetune
     rows = []

@@ -27,9 +27,10 @@ import torch
 from ssl_models import METHODS, create_method
 from ssl_models.train import TrainSettings, pretrain
 from tasks.config import PipelineConfig, load_config
-from tasks.data import load_dataset, prepare_data
+from tasks.data import ingest_and_prepare
 from tasks.evaluate import evaluate_encoder
 from tasks.pretrain import build_encoder, pretrain_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "methods.json"
 
@@ -78,8 +79,8 @@ def main() -> None:
     args = parser.parse_args()
 
     base = load_config("params.yaml", args.profile)
-    data = prepare_data(base)
-    unlabeled = load_dataset(data.unlabeled).images
+    data = ingest_and_prepare(base)
+    unlabeled = read_images(base, data.unlabeled).images
     configs = {name: method_config(base, name, args.epochs) for name in args.methods}
 
     speeds = {name: throughput(cfg, unlabeled, data.mean, data.std) for name, cfg in configs.items()}

@@ -137,15 +137,16 @@ def bare(profile: str, overrides: list[str]) -> None:
     from ssl_models import create_method
     from ssl_models.train import pretrain
     from tasks.config import load_config
-    from tasks.data import PreparedData, load_dataset
+    from tasks.data import PreparedData
     from tasks.evaluate import eval_inputs, run_trial, trial_specs
     from tasks.pretrain import build_encoder, save_encoder
+    from tasks.streaming import read_images
 
     cfg = load_config(REPO / "params.yaml", profile, overrides)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     data = PreparedData.from_dict(json.loads((cfg.workspace_path / "stages" / "prepare.json").read_text()))
-    images = load_dataset(data.unlabeled).images
+    images = read_images(cfg, data.unlabeled).images
     method = create_method(
         cfg.pretrain.method, build_encoder(cfg, data.mean, data.std), cfg.pretrain.method_params
     )

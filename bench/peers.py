@@ -45,9 +45,10 @@ from bench.lightly_peer import (
 from ssl_models import create_method
 from ssl_models.train import pretrain
 from tasks.config import PipelineConfig, load_config
-from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare
 from tasks.evaluate import EvalInputs, TrialSpec, eval_inputs, run_trial
 from tasks.pretrain import build_encoder, save_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "peers.json"
 FRACTIONS = (0.01, 0.1)
@@ -179,8 +180,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     base = bench_config(args.profile, args.epochs, args.overrides)
     if base.num_threads:
         torch.set_num_threads(base.num_threads)
-    data = prepare_data(base)
-    images = load_dataset(data.unlabeled).images
+    data = ingest_and_prepare(base)
+    images = read_images(base, data.unlabeled).images
     configs = {
         m: bench_config(args.profile, args.epochs, [*args.overrides, f"pretrain.method={m}"])
         for m in args.methods

@@ -30,8 +30,9 @@ from ssl_models import create_method
 from ssl_models.augment import to_float
 from ssl_models.train import build_optimizer, step_generator, total_steps, warmup_cosine
 from tasks.config import PipelineConfig, load_config
-from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare
 from tasks.pretrain import build_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "profile_epoch.json"
 PHASES = ("batch", "views", "forward", "backward", "optimizer")
@@ -118,8 +119,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = load_config("params.yaml", args.profile, args.overrides)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    data = prepare_data(cfg)
-    images = load_dataset(data.unlabeled).images
+    data = ingest_and_prepare(cfg)
+    images = read_images(cfg, data.unlabeled).images
     step = training_step(cfg, data, images)
     settings, batch = cfg.pretrain.settings(cfg.seed), cfg.pretrain.batch_size
 

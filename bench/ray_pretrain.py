@@ -29,8 +29,9 @@ import torch
 from ssl_models import create_method
 from ssl_models.train import pretrain
 from tasks.config import PipelineConfig, load_config
-from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare
 from tasks.pretrain import build_encoder, connect, pretrain_encoder
+from tasks.streaming import read_images
 
 RESULTS = Path(__file__).parent / "results" / "ray_pretrain.json"
 
@@ -41,7 +42,7 @@ def bare(cfg: PipelineConfig, data: PreparedData) -> tuple[float, list[dict[str,
         cfg.pretrain.method, build_encoder(cfg, data.mean, data.std), cfg.pretrain.method_params
     )
     history = pretrain(
-        method, load_dataset(data.unlabeled).images, cfg.augment.params(), cfg.pretrain.settings(0)
+        method, read_images(cfg, data.unlabeled).images, cfg.augment.params(), cfg.pretrain.settings(0)
     )
     return time.perf_counter() - start, history.history
 
@@ -77,7 +78,7 @@ def main() -> None:
         )
         for name, extra in variants.items()
     }
-    data = prepare_data(configs["bare"])
+    data = ingest_and_prepare(configs["bare"])
     start = time.perf_counter()
     connect(configs["ray_2x1"])
     ray_init = time.perf_counter() - start

@@ -22,7 +22,7 @@ from pathlib import Path
 import ray
 
 from tasks.config import load_config
-from tasks.data import prepare_data
+from tasks.data import ingest_and_prepare
 from tasks.evaluate import feature_cache_path
 from tasks.pretrain import connect, pretrain_encoder
 from tasks.sweep import run_sweep
@@ -39,7 +39,7 @@ def main() -> None:
 
     frozen_only = ["evaluate.finetune_fractions=[]", "evaluate.primary_protocol=linear"]
     base = load_config("params.yaml", args.profile, frozen_only)
-    data = prepare_data(base)
+    data = ingest_and_prepare(base)
     encoder_path = pretrain_encoder(base, data).encoder_path
     connect(base)
 

@@ -45,7 +45,12 @@ def init(
 
 @data_app.command("ingest")
 def ingest(
-    source: Annotated[str, typer.Argument(help="A folder, an IDX images file, or s3://bucket/prefix.")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="A folder, s3://bucket/prefix, a .csv/.parquet table of path[,label], or an IDX file."
+        ),
+    ],
     kind: Annotated[str, typer.Option(help="unlabeled | labeled")] = "unlabeled",
     labels: Annotated[Path | None, typer.Option(help="IDX labels file for an IDX images file.")] = None,
     dest: Annotated[Path | None, typer.Option(help="Dataset folder (default data/KIND).")] = None,
@@ -60,32 +65,34 @@ def ingest(
     ] = True,
     root: Root = Path("."),
 ) -> None:
-    """Validate SOURCE, add its good images to the dataset, track the new version and push it."""
+    """Validate SOURCE, add its new images to the dataset as new shards, track the version and push it."""
     from tasks import versioning
-    from tasks.ingest import ImageRules, folder_items, idx_items
+    from tasks.data import overlaps
+    from tasks.ingest import ImageRules
     from tasks.ingest import ingest as run_ingest
+    from tasks.sources import TABLE_SUFFIXES, idx_items, list_source, source_items
 
     if kind not in ("unlabeled", "labeled") or channels not in (1, 3):
         raise _fail(f"--kind must be unlabeled or labeled and --channels 1 or 3, got {kind!r}, {channels}")
     kind_: Literal["unlabeled", "labeled"] = "labeled" if kind == "labeled" else "unlabeled"
     folder = dest or Path("data") / kind_
-    try:
-        if source.startswith("s3://"):
-            from tasks.s3 import client, s3_items
+    is_idx = not (
+        source.startswith("s3://") or Path(source).is_dir() or source.lower().endswith(TABLE_SUFFIXES)
+    )
 
-            items = s3_items(source, kind_, client())
-        elif Path(source).is_dir():
-            items = folder_items(Path(source), kind_)
-        else:
-            items = idx_items(Path(source), labels)
+    def items():  # type: ignore[no-untyped-def]
+        return idx_items(Path(source), labels) if is_idx else source_items(source, kind_)
+
+    try:
         report = run_ingest(
-            items,
+            items(),
             kind_,
             root / folder,
-            root / "workspace" / "quarantine" / kind_,
             ImageRules(channels=1 if channels == 1 else 3),
+            quarantine=root / "workspace" / "quarantine" / kind_,
             allow_new_classes=allow_new_classes,
             source=source,
+            expected_bytes=list_source(items()).bytes,
         )
     except DataError as e:
         raise _fail(str(e)) from None
@@ -94,11 +101,20 @@ def ingest(
     report_path.write_text(json.dumps(report.as_dict(), indent=2) + "\n")
     console.print(
         f"{source}: {report.added} added, {report.already_present} already present, "
-        f"{report.duplicates_in_source} duplicates, {len(report.quarantined)} quarantined "
-        f"-> {folder} ({report.total} images); report {report_path}",
+        f"{report.duplicates_in_source} duplicates, {report.num_quarantined} quarantined "
+        f"-> {folder} ({report.total} images, {report.shards_written} new shards); report {report_path}",
     )
     for name, reason in report.quarantined[:10]:
         console.print(f"  quarantined {name}: {reason}")
+    siblings = {
+        p.name: p for p in (root / folder).parent.iterdir() if p.is_dir() and not p.name.startswith(".")
+    }
+    for found in overlaps(siblings):
+        if folder.name in (found.first, found.second):
+            console.print(
+                f"  {found.count} images are in both {found.first} and {found.second},"
+                f" e.g. {found.examples[0][0]}"
+            )
     try:
         version = versioning.track(root, folder)
         console.print(
@@ -117,6 +133,38 @@ def ingest(
         arrival = Arrival(str((root / folder).resolve()), report.added, report.total)
         orchestration.emit_data_arrived(arrival, "dataset", flush=True)
         console.print(f"emitted {orchestration.DATA_ARRIVED} ({report.added} new images)")
+
+
+@data_app.command("convert")
+def convert(
+    target: Target,
+    kind: Annotated[str, typer.Option(help="unlabeled | labeled")] = "unlabeled",
+    channels: Annotated[int, typer.Option(help="1 (grayscale) or 3 (RGB).")] = 1,
+    root: Root = Path("."),
+) -> None:
+    """Rewrite a one-PNG-per-image dataset folder as shards and track it (`run` does it too)."""
+    from tasks import versioning
+    from tasks.data import convert_legacy_folder
+    from tasks.ingest import ImageRules, IngestLimits
+
+    kind_: Literal["unlabeled", "labeled"] = "labeled" if kind == "labeled" else "unlabeled"
+    try:
+        report = convert_legacy_folder(
+            root / target, kind_, ImageRules(1 if channels == 1 else 3), IngestLimits()
+        )
+    except DataError as e:
+        raise _fail(str(e)) from None
+    if report is None:
+        console.print(f"{target}: nothing to convert (not a folder of PNG files)")
+        return
+    try:
+        version = versioning.track(root, target)
+    except versioning.VersioningError as e:
+        raise _fail(str(e)) from None
+    console.print(
+        f"{target}: {report.added} images in {report.shards_written} shards, version {version.short}:"
+        f" commit {target}.dvc to record it"
+    )
 
 
 @data_app.command("status")

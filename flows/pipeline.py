@@ -46,6 +46,8 @@ def _task(fn, name: str):  # type: ignore[no-untyped-def]
 ingest_data = _task(data.ingest_sources, "ingest-data")
 version_data = _task(versioning.version_datasets, "version-data")
 prepare_data = _task(data.prepare_data, "prepare-data")
+ingest_and_prepare = _task(data.ingest_and_prepare, "ingest-and-prepare-data")
+locate_remote_shards = _task(versioning.with_remote_shards, "locate-remote-shards")
 start_run = _task(tracking.start_run, "start-mlflow-run")
 log_pretraining = _task(tracking.log_pretraining, "log-pretraining")
 download_checkpoint = _task(tracking.download_checkpoint, "download-pretraining-checkpoint")
@@ -166,13 +168,16 @@ def _files_exist(result: data.PreparedData | PretrainingResult | SweepResult) ->
 
 @task(name="data", cache_policy=NO_CACHE)
 def data_stage(cfg: PipelineConfig, refresh: bool = False) -> data.PreparedData:
-    """Ingest and version (DVC), then the datasets as tensors, cached on the DVC hashes."""
+    """Ingest what is new into the dataset folders, version them (DVC), and describe them, cached
+    on the DVC hashes."""
     if not cfg.data.dvc.enabled:
-        return prepare_data(cfg, None)
+        return ingest_and_prepare(cfg)
     ingest_data(cfg)
     versions = version_data(cfg)
     key = orchestration.stage_key("prepare-data", versions, cfg.model_dump(mode="json", include={"data"}))
     prepared: data.PreparedData = _cached(prepare_data, cfg, "data", key, refresh, versions)
+    if cfg.data.streaming.shards_from == "remote":
+        prepared = locate_remote_shards(cfg, prepared)
     return prepared
 
 

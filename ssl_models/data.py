@@ -1,14 +1,13 @@
-"""Image datasets as in-memory uint8 tensors (N, C, H, W): IDX files and image folders."""
+"""Image datasets as in-memory uint8 tensors (N, C, H, W), and Fashion-MNIST's IDX files."""
 
 from __future__ import annotations
 
 import gzip
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 FASHION_MNIST_CLASSES = (
@@ -34,7 +33,6 @@ class ImageSet:
     images: torch.Tensor  # uint8 (N, C, H, W)
     labels: torch.Tensor | None = None  # int64 (N,)
     classes: tuple[str, ...] = ()
-    skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason)
 
     def __len__(self) -> int:
         return self.images.shape[0]
@@ -96,76 +94,6 @@ def load_fashion_mnist(root: str | Path) -> tuple[ImageSet, ImageSet]:
     )
     test = load_idx_pair(_idx_file(root, "t10k-images-idx3-ubyte"), _idx_file(root, "t10k-labels-idx1-ubyte"))
     return train, test
-
-
-def _load_image(path: Path, channels: int, image_size: int) -> torch.Tensor:
-    try:
-        with Image.open(path) as file:
-            file.load()
-            img = file.convert("L" if channels == 1 else "RGB")
-        if img.size != (image_size, image_size):
-            img = img.resize((image_size, image_size), Image.Resampling.BILINEAR)
-        array = np.asarray(img, dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise DataError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
-    array = array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
-    return torch.from_numpy(array.copy())
-
-
-def load_image_folder(
-    root: str | Path,
-    labeled: bool,
-    channels: int = 1,
-    image_size: int = 28,
-    skip_corrupt: bool = False,
-    classes: tuple[str, ...] | None = None,
-) -> ImageSet:
-    """Images from a folder: class sub-folders when ``labeled``, else every image below ``root``.
-
-    ``classes`` fixes the class order (a test set must index classes as its training set
-    does, even if it lacks one); a sub-folder outside it raises ``DataError``. A file that
-    does not decode raises ``DataError`` naming it; with ``skip_corrupt`` it is left out and
-    listed in ``ImageSet.skipped`` instead.
-    """
-    root = Path(root)
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
-    if labeled:
-        found = tuple(sorted(p.name for p in root.iterdir() if p.is_dir()))
-        if not found:
-            raise DataError(f"{root}: a labeled folder needs one sub-folder per class")
-        unknown = sorted(set(found) - set(classes or found))
-        if unknown:
-            raise DataError(f"{root / unknown[0]}: class {unknown[0]!r} is not one of {list(classes or ())}")
-        classes = classes or found
-        files = [
-            (p, i)
-            for i, c in enumerate(classes)
-            for p in sorted((root / c).rglob("*"))
-            if p.suffix.lower() in IMAGE_SUFFIXES
-        ]
-    else:
-        classes = ()
-        files = [(p, -1) for p in sorted(root.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES]
-    if not files:
-        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    images, labels, skipped = [], [], []
-    for path, label in files:
-        try:
-            images.append(_load_image(path, channels, image_size))
-            labels.append(label)
-        except DataError as e:
-            if not skip_corrupt:
-                raise
-            skipped.append((str(path), str(e.__cause__ or e)))
-    if not images:
-        raise DataError(f"{root}: every image failed to decode, e.g. {skipped[0][0]}")
-    return ImageSet(
-        images=torch.stack(images),
-        labels=torch.tensor(labels) if labeled else None,
-        classes=classes,
-        skipped=skipped,
-    )
 
 
 def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:

@@ -1,7 +1,9 @@
 """The pretraining loop: plain PyTorch, resumable to the exact same weights.
 
 Randomness is keyed by step (data order by epoch, augmentation by step), so a run resumed
-from a checkpoint sees the same batches and views as the uninterrupted run.
+from a checkpoint sees the same batches and views as the uninterrupted run. The images come from
+a ``BatchSource``: an in-memory tensor (``TensorBatches``), or a stream (the pipeline's Ray Data
+shards) that yields each rank its own batches in an order fixed by (seed, epoch).
 """
 
 from __future__ import annotations
@@ -9,11 +11,11 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, Protocol, get_args
 
 import torch
 from torch import nn
@@ -95,9 +97,49 @@ def build_optimizer(model: nn.Module, settings: TrainSettings) -> torch.optim.Op
     raise ValueError(f"unknown optimizer {settings.optimizer!r}; choose adamw or sgd")
 
 
-def step_generator(seed: int, step: int) -> torch.Generator:
-    """The random stream of one training step: a function of (seed, step) alone."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def step_generator(seed: int, step: int, rank: int = 0) -> torch.Generator:
+    """The random stream of one training step (of one rank, for ranks that draw their own batches)."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + step + rank * 2**40)
+
+
+class BatchSource(Protocol):
+    """uint8 image batches (B, C, H, W), ``steps_per_epoch`` of them each epoch, in an order that
+    is a function of the epoch alone, so that ``epoch(e, skip)`` resumes an epoch part way.
+
+    ``global_batches``: every rank receives the whole global batch (and trains on its share of the
+    views); otherwise each rank receives its own ``batch_size / world`` images.
+    """
+
+    @property
+    def global_batches(self) -> bool: ...
+
+    @property
+    def batch_size(self) -> int: ...  # the global batch
+
+    @property
+    def steps_per_epoch(self) -> int: ...
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]: ...
+
+
+@dataclass(frozen=True)
+class TensorBatches:
+    """An in-memory uint8 tensor (N, C, H, W), in a seeded random order each epoch."""
+
+    images: torch.Tensor
+    batch_size: int
+    seed: int
+    global_batches: ClassVar[bool] = True
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.images) // self.batch_size
+
+    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(self.images), generator=step_generator(self.seed, -1 - epoch))
+        for i in range(skip, self.steps_per_epoch):
+            rows = order[i * self.batch_size : (i + 1) * self.batch_size]
+            yield self.images[rows.to(self.images.device, non_blocking=True)]
 
 
 def _to_memory_format(view: torch.Tensor, memory_format: torch.memory_format) -> torch.Tensor:
@@ -117,9 +159,52 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+@dataclass
+class _EpochProgress:
+    """The current epoch so far: what its row of the history is computed from, and what a
+    checkpoint taken in the middle of it keeps (``saved``)."""
+
+    loss_sum: float = 0.0
+    steps: int = 0
+    seconds: float = 0.0
+    data_seconds: float = 0.0  # of ``seconds``, waiting for the batch source
+    pending: list[torch.Tensor] = field(default_factory=list)  # losses not read yet, on the device
+
+    def read_losses(self, steps_done: int) -> None:
+        """One wait for the device for all the steps since the last read."""
+        values = torch.stack(self.pending).tolist() if self.pending else []
+        for i, value in enumerate(values):
+            if not math.isfinite(value):
+                raise FloatingPointError(
+                    f"loss is {value} at step {steps_done - len(values) + i}; lower the lr"
+                )
+            self.loss_sum += value
+        self.pending.clear()
+
+    def saved(self, world: int) -> dict[str, float]:
+        """A collective: the loss is the ranks' mean, so a resumed epoch reports the global batch's."""
+        loss_sum = all_reduce_sum(torch.tensor(self.loss_sum, dtype=torch.float64)).item() / world
+        return {
+            "loss_sum": loss_sum,
+            "steps": self.steps,
+            "seconds": self.seconds,
+            "data_seconds": self.data_seconds,
+        }
+
+    def row(self, epoch: int, lr: float, batch_size: int, world: int) -> dict[str, float]:
+        """The epoch's row of the history (a collective)."""
+        return {
+            "epoch": epoch,
+            "loss": self.saved(world)["loss_sum"] / self.steps,
+            "lr": lr,
+            "images_per_s": self.steps * batch_size / self.seconds,
+            "data_wait_share": self.data_seconds / self.seconds,
+        }
+
+
 def pretrain(
     method: SSLMethod,
-    images: torch.Tensor,
+    images: torch.Tensor | BatchSource,
     aug: AugmentParams,
     settings: TrainSettings,
     checkpoint_path: str | Path | None = None,
@@ -129,17 +214,19 @@ def pretrain(
     resume_from: dict[str, Any] | None = None,
     on_checkpoint: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
-    """Train ``method`` on uint8 ``images`` (N, C, H, W); resume from a checkpoint if given.
+    """Train ``method`` on uint8 images (N, C, H, W), a tensor or a ``BatchSource``; resume from a
+    checkpoint if given.
 
     The checkpoint is a file (``checkpoint_path``: loaded if it exists, written atomically)
     or, for a caller that stores checkpoints itself, a state (``resume_from``) and a
     callback (``on_checkpoint``) that receives every state to save.
 
-    Data parallel when ``torch.distributed`` is initialised: every rank holds all the
-    images, draws the same global batch of ``settings.batch_size`` images and its views,
-    and trains on its 1/world share under ``DistributedDataParallel`` with BatchNorm
-    synchronised across ranks, which is the single-process step on the global batch. The
-    history (loss, images/s) is of the global batch.
+    Data parallel when ``torch.distributed`` is initialised, under ``DistributedDataParallel``
+    with BatchNorm synchronised across ranks. With a tensor, every rank holds all the images,
+    draws the same global batch of ``settings.batch_size`` images and its views, and trains on its
+    1/world share: the single-process step on the global batch. A streaming source gives each
+    rank its own images, whose views it draws itself. The history (loss, images/s, the share of
+    the time spent waiting for data) is of the global batch.
 
     ``stop_at_step`` ends the run early after saving a checkpoint (used to test resuming).
 
@@ -150,14 +237,18 @@ def pretrain(
     """
     device = torch.device(device)
     world, rank = world_size(), get_rank()
-    n = images.shape[0]
-    batch_size = min(settings.batch_size, n)
-    if batch_size % world:
+    source = (
+        TensorBatches(images, min(settings.batch_size, len(images)), settings.seed)
+        if isinstance(images, torch.Tensor)
+        else images
+    )
+    if source.batch_size % world:
         raise ValueError(
-            f"batch_size {batch_size} is not divisible by the {world} workers; make it a multiple of {world}"
+            f"batch_size {source.batch_size} is not divisible by the {world} workers;"
+            f" make it a multiple of {world}"
         )
-    steps_per_epoch = n // batch_size
-    total = total_steps(n, settings)
+    steps_per_epoch = source.steps_per_epoch
+    total = steps_per_epoch * settings.epochs
     memory_format = torch.channels_last if settings.channels_last else torch.contiguous_format
     method.to(device).to(memory_format=memory_format)
     model: nn.Module = method
@@ -171,7 +262,7 @@ def pretrain(
         optimizer, warmup_cosine(total, round(settings.warmup_epochs * steps_per_epoch))
     )
     result = TrainResult(steps=0)
-    running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
+    progress = _EpochProgress()
     checkpoint_path = Path(checkpoint_path) if checkpoint_path else None
     if checkpoint_path:
         if checkpoint_path.exists():
@@ -184,83 +275,67 @@ def pretrain(
         torch.set_rng_state(resume_from["rng"])
         result.steps = result.resumed_from_step = resume_from["step"]
         result.history = resume_from["history"]
-        running = resume_from["running"]
-
-    pending: list[torch.Tensor] = []  # this rank's losses since the last read, on the device
-
-    def read_losses() -> None:
-        # One wait for the device for all the steps since the last read.
-        values = torch.stack(pending).tolist() if pending else []
-        first_step = result.steps - len(values)
-        for i, value in enumerate(values):
-            if not math.isfinite(value):
-                raise FloatingPointError(f"loss is {value} at step {first_step + i}; lower the lr")
-            running["loss_sum"] += value
-        pending.clear()
+        progress = _EpochProgress(**resume_from["running"])
 
     def save() -> None:
-        # Called on every rank (a collective): the saved partial loss is the ranks' mean, so
-        # a resumed epoch still reports the global batch's loss.
-        partial_loss = all_reduce_sum(torch.tensor(running["loss_sum"], dtype=torch.float64)).item() / world
+        state = {
+            "model": method.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": torch.get_rng_state(),
+            "step": result.steps,
+            "history": result.history,
+            "running": progress.saved(world),
+            "settings": asdict(settings),
+        }
         if on_checkpoint:
-            on_checkpoint(
-                {
-                    "model": method.state_dict(),
-                    "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(),
-                    "rng": torch.get_rng_state(),
-                    "step": result.steps,
-                    "history": result.history,
-                    "running": {**running, "loss_sum": partial_loss},
-                    "settings": asdict(settings),
-                }
-            )
+            on_checkpoint(state)
 
     model.train()
     bf16 = settings.precision == "bf16"
-    while result.steps < total:
+    while result.steps < total and result.steps != stop_at_step:
         epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
-        order = torch.randperm(n, generator=step_generator(settings.seed, -1 - epoch))
-        start = time.perf_counter()
-        rows = order[index_in_epoch * batch_size : (index_in_epoch + 1) * batch_size]
-        batch = images[rows.to(images.device, non_blocking=True)]
-        g = step_generator(settings.seed, result.steps)
-        x = to_float(batch.to(device, non_blocking=True))
-        views = method.make_views(x, aug, g)
-        if world > 1:
-            views = [v.chunk(world)[rank] for v in views]
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = step_loss([_to_memory_format(v, memory_format) for v in views])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        result.steps += 1
-        method.on_step_end(result.steps / total)
-        pending.append(loss.detach())
-        end_of_epoch = result.steps % steps_per_epoch == 0
-        every = settings.checkpoint_every_steps
-        checkpoint = end_of_epoch or (every > 0 and result.steps % every == 0) or result.steps == stop_at_step
-        if checkpoint:
-            read_losses()  # waits for the device: the step's seconds include its queued work
-        running["steps"] += 1
-        running["seconds"] += time.perf_counter() - start
-        if end_of_epoch:
-            # The global batch's loss: the mean of the ranks' losses (each the loss of its rows).
-            loss_sum = all_reduce_sum(torch.tensor(running["loss_sum"], dtype=torch.float64)).item() / world
-            row = {
-                "epoch": epoch + 1,
-                "loss": loss_sum / running["steps"],
-                "lr": optimizer.param_groups[0]["lr"],
-                "images_per_s": running["steps"] * batch_size / running["seconds"],
-            }
-            result.history.append(row)
-            running = {"loss_sum": 0.0, "steps": 0, "seconds": 0.0}
-            if on_epoch_end:
-                on_epoch_end(row)
-        if checkpoint:
-            save()
-        if result.steps == stop_at_step:
-            break
+        batches = source.epoch(epoch, index_in_epoch)
+        for _ in range(index_in_epoch, steps_per_epoch):
+            start = time.perf_counter()
+            batch = next(batches, None)
+            if batch is None:
+                raise RuntimeError(f"epoch {epoch + 1} ended after {_} of its {steps_per_epoch} batches")
+            x = to_float(batch.to(device, non_blocking=True))
+            waited = time.perf_counter() - start
+            if source.global_batches:
+                views = method.make_views(x, aug, step_generator(settings.seed, result.steps))
+                views = [v.chunk(world)[rank] for v in views] if world > 1 else views
+            else:
+                views = method.make_views(x, aug, step_generator(settings.seed, result.steps, rank))
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss = step_loss([_to_memory_format(v, memory_format) for v in views])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            result.steps += 1
+            method.on_step_end(result.steps / total)
+            progress.pending.append(loss.detach())
+            end_of_epoch = result.steps % steps_per_epoch == 0
+            every = settings.checkpoint_every_steps
+            checkpoint = (
+                end_of_epoch or (every > 0 and result.steps % every == 0) or result.steps == stop_at_step
+            )
+            if checkpoint:
+                progress.read_losses(result.steps)  # waits for the device: the step's seconds include it
+            progress.steps += 1
+            progress.seconds += time.perf_counter() - start
+            progress.data_seconds += waited
+            if end_of_epoch:
+                row = progress.row(epoch + 1, optimizer.param_groups[0]["lr"], source.batch_size, world)
+                result.history.append(row)
+                progress = _EpochProgress()
+                if on_epoch_end:
+                    on_epoch_end(row)
+            if checkpoint:
+                save()
+            if result.steps == stop_at_step:
+                break
     method.to(memory_format=torch.contiguous_format)
     return result

@@ -56,18 +56,42 @@ class DvcConfig(_Section):
     push: bool = True
 
 
+class IngestConfig(_Section):
+    """How images enter a dataset folder: threads that decode and check them, shard size, memory."""
+
+    workers: Annotated[int, Field(ge=0)] = 0  # 0: one per core
+    shard_mb: Annotated[float, Field(gt=0)] = 128  # target size of a shard of image bytes
+    memory_mb: Annotated[float, Field(ge=16)] = 512  # images in flight plus the open shards' row groups
+
+
+class StreamingConfig(_Section):
+    """How training and evaluation read the shards through Ray Data."""
+
+    shards_from: Literal["folder", "remote"] = "folder"  # remote: the DVC remote's copies (e.g. s3://)
+    materialize: Literal["auto", "always", "never"] = (
+        "auto"  # auto: when decoded it fits in half the object store
+    )
+    shuffle_buffer_mb: Annotated[float, Field(gt=0)] = 256  # each worker's local shuffle buffer
+    prefetch_batches: Annotated[int, Field(ge=0)] = 2
+
+
 class DataConfig(_Section):
     source: Literal["fashion_mnist", "folder"] = "fashion_mnist"
     fashion_mnist_dir: str = "/usr/share/datasets/fashion-mnist"
+    # source "folder": each a folder, an s3://bucket/prefix, or a .csv/.parquet table of path[,label]
     unlabeled_dir: str | None = None
     labeled_dir: str | None = None
     test_dir: str | None = None
+    source_endpoint_url: str | None = None  # an S3-compatible store for s3:// sources
     unlabeled_limit: Annotated[int, Field(gt=0)] | None = None
     labeled_limit: Annotated[int, Field(gt=0)] | None = None
     test_limit: Annotated[int, Field(gt=0)] | None = None
     channels: Literal[1, 3] = 1
     image_size: Annotated[int, Field(ge=8, le=1024)] = 28
     skip_corrupt: bool = False
+    allow_test_overlap: bool = False  # true: test images that are also training images do not fail the run
+    ingest: IngestConfig = IngestConfig()
+    streaming: StreamingConfig = StreamingConfig()
     dvc: DvcConfig = DvcConfig()
 
     @model_validator(mode="after")
@@ -76,6 +100,8 @@ class DataConfig(_Section):
             missing = [k for k in ("unlabeled_dir", "labeled_dir", "test_dir") if not getattr(self, k)]
             if missing:
                 raise ValueError(f"source 'folder' needs data.{', data.'.join(missing)}")
+        if self.streaming.shards_from == "remote" and not (self.dvc.enabled and self.dvc.push):
+            raise ValueError("streaming.shards_from: 'remote' needs data.dvc.enabled and data.dvc.push")
         return self
 
 

@@ -1,40 +1,57 @@
-"""Prepare the datasets a run uses: read, validate, content-hash and store them in the workspace.
+"""The data step: ingest the configured sources into the dataset folders, check them, describe them.
 
-Each dataset is identified by the SHA-256 of its decoded content (images, labels, class
-names), so the same images give the same hash wherever they came from. With
-``data.dvc.enabled`` the configured sources are first ingested into the dataset folders that
-DVC versions (``ingest_sources``), and the run reads those folders, so what it trained on is
-exactly a DVC version (``DatasetRef.dvc_md5``).
+Each dataset (unlabeled, labeled, test) is a folder of shards (``tasks.shards``) under
+``<data.dvc.root>/<data.dvc.folder>/`` (under the workspace when DVC is off), tracked by DVC as
+one folder, so what a run trained on is exactly a DVC version (``DatasetRef.dvc_md5``). A dataset
+is identified by the SHA-256 of its images' ids and labels (``DatasetRef.digest``), read from its
+manifest: the same images give the same hash wherever they came from, and no step re-reads the
+images to know it.
+
+A source whose listing (names, sizes, modification times or ETags, labels) has not changed since
+its last ingest into the same folder is not read again, so a rerun on unchanged data costs a
+listing. Images that appear in the test set and in a training set fail the step (a leak), unless
+``data.allow_test_overlap``.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
+import logging
+import shutil
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from ssl_models.data import DataError, ImageSet, load_fashion_mnist, load_image_folder
+from ssl_models.data import DataError
 from tasks.config import PipelineConfig
-from tasks.ingest import ImageRules, IngestReport, SourceItem, class_folder, ingest
+from tasks.ingest import ImageRules, IngestLimits, IngestReport, ingest
+from tasks.shards import ID_BYTES, KnownImages, is_dataset, manifest_parts, read_manifest, summarize
+from tasks.sources import Kind, SourceItem, idx_items, list_source, source_items
 
 DATASETS = ("unlabeled", "labeled", "test")
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class DatasetRef:
     name: str  # unlabeled | labeled | test
-    path: str
+    path: str  # the dataset folder
     digest: str
     num_images: int
-    classes: tuple[str, ...]
-    skipped: tuple[tuple[str, str], ...] = ()
-    dvc_md5: str | None = None  # the DVC version of the dataset folder it was read from
+    classes: tuple[str, ...]  # the labeled set's classes, for the test set too: indices mean the same
+    shards: tuple[str, ...] = ()  # relative to ``path``
+    bytes: int = 0  # the images' bytes as stored
+    dvc_md5: str | None = None  # the DVC version of the folder
+    shard_uris: tuple[str, ...] = ()  # where runs read the shards when not from ``path`` (the DVC remote)
+
+    def shard_paths(self) -> list[str]:
+        return [str(Path(self.path) / shard) for shard in self.shards]
 
 
 @dataclass(frozen=True)
@@ -42,7 +59,7 @@ class PreparedData:
     unlabeled: DatasetRef
     labeled: DatasetRef
     test: DatasetRef
-    mean: float
+    mean: float  # pixel statistics of the unlabeled images, which the encoder normalises with
     std: float
 
     def refs(self) -> tuple[DatasetRef, DatasetRef, DatasetRef]:
@@ -56,142 +73,247 @@ class PreparedData:
         """The inverse of ``dataclasses.asdict`` after a JSON round trip."""
 
         def ref(r: dict[str, Any]) -> DatasetRef:
-            skipped = tuple((str(f), str(why)) for f, why in r["skipped"])
-            return DatasetRef(**{**r, "classes": tuple(r["classes"]), "skipped": skipped})
+            lists = {key: tuple(r[key]) for key in ("classes", "shards", "shard_uris")}
+            return DatasetRef(**{**r, **lists})
 
         return cls(ref(d["unlabeled"]), ref(d["labeled"]), ref(d["test"]), d["mean"], d["std"])
 
 
-def content_digest(images: ImageSet) -> str:
-    h = hashlib.sha256()
-    h.update(json.dumps([list(images.images.shape), list(images.classes)]).encode())
-    h.update(images.images.contiguous().numpy().tobytes())
-    if images.labels is not None:
-        h.update(images.labels.numpy().tobytes())
-    return h.hexdigest()
-
-
-def _store(name: str, images: ImageSet, folder: Path, dvc_md5: str | None = None) -> DatasetRef:
-    digest = content_digest(images)
-    path = folder / f"{name}-{digest[:16]}.pt"
-    if not path.exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        payload = {"images": images.images}
-        if images.labels is not None:
-            payload["labels"] = images.labels
-        torch.save(payload, tmp)
-        tmp.replace(path)
-    return DatasetRef(name, str(path), digest, len(images), images.classes, tuple(images.skipped), dvc_md5)
-
-
-def load_dataset(ref: DatasetRef) -> ImageSet:
-    """The images (and labels) a ``DatasetRef`` points at."""
-    payload = torch.load(ref.path, map_location="cpu", weights_only=True)
-    return ImageSet(images=payload["images"], labels=payload.get("labels"), classes=ref.classes)
-
-
-def _head(images: ImageSet, limit: int | None) -> ImageSet:
-    if limit is None or limit >= len(images):
-        return images
-    labels = images.labels[:limit] if images.labels is not None else None
-    return ImageSet(images.images[:limit], labels, images.classes, images.skipped)
-
-
-def read_sources(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    """(unlabeled, labeled, test) as configured, before any limit is applied."""
-    d = cfg.data
-    if d.source == "fashion_mnist":
-        train, test = load_fashion_mnist(d.fashion_mnist_dir)
-        # The standard SSL protocol: the training images without labels are the unlabeled pool.
-        return ImageSet(train.images), train, test
-    kwargs = {"channels": d.channels, "image_size": d.image_size, "skip_corrupt": d.skip_corrupt}
-    unlabeled = load_image_folder(d.unlabeled_dir, labeled=False, **kwargs)  # type: ignore[arg-type]
-    labeled = load_image_folder(d.labeled_dir, labeled=True, **kwargs)  # type: ignore[arg-type]
-    test = load_image_folder(d.test_dir, labeled=True, **kwargs)  # type: ignore[arg-type]
-    if test.classes != labeled.classes:
-        raise DataError(
-            f"{d.test_dir}: classes {list(test.classes)} differ from {d.labeled_dir}: {list(labeled.classes)}"
-        )
-    return unlabeled, labeled, test
+def data_root(cfg: PipelineConfig) -> Path:
+    """Where the dataset folders live: the DVC repository, or the workspace when DVC is off."""
+    return Path(cfg.data.dvc.root) if cfg.data.dvc.enabled else cfg.workspace_path
 
 
 def dataset_folders(cfg: PipelineConfig) -> dict[str, Path]:
-    """The DVC-tracked folder of each dataset, relative to ``data.dvc.root``."""
+    """Each dataset's folder, relative to ``data_root``."""
     return {name: Path(cfg.data.dvc.folder) / name for name in DATASETS}
 
 
-def _items(images: ImageSet, name: str) -> list[SourceItem]:
-    pixels = images.images.permute(0, 2, 3, 1).numpy()
-    if pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
-    labels: list[int | None] = images.labels.tolist() if images.labels is not None else [None] * len(images)
-    return [
-        SourceItem(
-            f"{name}[{i}]",
-            functools.partial(np.asarray, array),
-            None if label is None else class_folder(images.classes[label]),
-        )
-        for i, (array, label) in enumerate(zip(pixels, labels, strict=True))
-    ]
+def _kind(name: str) -> Kind:
+    return "unlabeled" if name == "unlabeled" else "labeled"
 
 
-def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport]:
-    """Add the configured sources' images (after the limits) to the DVC-tracked dataset folders."""
-    unlabeled, labeled, test = _limited(cfg, *read_sources(cfg))
-    root = Path(cfg.data.dvc.root)
-    rules = ImageRules(channels=cfg.data.channels, min_side=1, max_side=1 << 16)  # read_sources checked them
-    reports = {}
-    for (name, folder), images in zip(dataset_folders(cfg).items(), (unlabeled, labeled, test), strict=True):
+def source_of(cfg: PipelineConfig, name: str) -> tuple[str, Callable[[], Iterator[SourceItem]]]:
+    """A dataset's configured source: its description, and its items (after the limit) as a
+    function, since the step lists a source once to fingerprint it and again to ingest it."""
+    d = cfg.data
+    limit = {"unlabeled": d.unlabeled_limit, "labeled": d.labeled_limit, "test": d.test_limit}[name]
+    if d.source == "fashion_mnist":
+        root = Path(d.fashion_mnist_dir)
+        stem = "t10k" if name == "test" else "train"
+        images = _idx_file(root, f"{stem}-images-idx3-ubyte")
+        labels = None if name == "unlabeled" else _idx_file(root, f"{stem}-labels-idx1-ubyte")
+        description = str(images)
+
+        def items() -> Iterator[SourceItem]:
+            return islice(idx_items(images, labels), limit)
+
+    else:
+        location = str({"unlabeled": d.unlabeled_dir, "labeled": d.labeled_dir, "test": d.test_dir}[name])
+        description = location
+
+        def items() -> Iterator[SourceItem]:
+            return islice(source_items(location, _kind(name), d.source_endpoint_url), limit)
+
+    return description, items
+
+
+def _idx_file(root: Path, stem: str) -> Path:
+    for candidate in (root / f"{stem}.gz", root / stem):
+        if candidate.exists():
+            return candidate
+    raise DataError(f"{root / stem}[.gz]: file not found (apt-get install dataset-fashion-mnist)")
+
+
+def _rules(cfg: PipelineConfig) -> ImageRules:
+    return ImageRules(channels=cfg.data.channels)
+
+
+def _limits(cfg: PipelineConfig) -> IngestLimits:
+    i = cfg.data.ingest
+    return IngestLimits(workers=i.workers, shard_mb=i.shard_mb, memory_mb=i.memory_mb)
+
+
+def _ingest_key(cfg: PipelineConfig, fingerprint: str, folder: Path) -> str:
+    """What an ingest depends on: the source's listing, the rules, and the folder's committed parts."""
+    parts = [(p.name, p.stat().st_size) for p in manifest_parts(folder)]
+    payload = json.dumps(
+        [
+            fingerprint,
+            cfg.data.channels,
+            cfg.data.ingest.model_dump(mode="json"),
+            str(folder.resolve()),
+            parts,
+        ]
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def _ingest_state(cfg: PipelineConfig, name: str) -> Path:
+    return cfg.workspace_path / "ingest" / f"{name}.json"
+
+
+def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport | None]:
+    """Add the configured sources' new images to the dataset folders, then check for a test-set leak.
+
+    A dataset whose source is unchanged since its last ingest is not read again (its report is None).
+    """
+    reports: dict[str, IngestReport | None] = {}
+    root = data_root(cfg)
+    for name, relative in dataset_folders(cfg).items():
+        folder = root / relative
+        convert_legacy_folder(folder, _kind(name), _rules(cfg), _limits(cfg))
+        description, items = source_of(cfg, name)
+        listing = list_source(items())
+        state = _ingest_state(cfg, name)
+        if state.exists() and json.loads(state.read_text()).get("key") == _ingest_key(
+            cfg, listing.fingerprint, folder
+        ):
+            reports[name] = None
+            continue
         reports[name] = ingest(
-            _items(images, name),
-            "unlabeled" if name == "unlabeled" else "labeled",
-            root / folder,
-            cfg.workspace_path / "quarantine" / name,
-            rules,
+            items(),
+            _kind(name),
+            folder,
+            _rules(cfg),
+            on_bad="quarantine" if cfg.data.skip_corrupt else "fail",
+            quarantine=cfg.workspace_path / "quarantine" / name,
             allow_new_classes=True,
-            source=cfg.data.source,
+            source=description,
+            limits=_limits(cfg),
+            expected_bytes=listing.bytes,
+            s3_endpoint=cfg.data.source_endpoint_url,
         )
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps({"key": _ingest_key(cfg, listing.fingerprint, folder)}) + "\n")
+    check_test_overlap(
+        {name: root / relative for name, relative in dataset_folders(cfg).items()},
+        cfg.data.allow_test_overlap,
+    )
     return reports
 
 
-def _limited(cfg: PipelineConfig, *sets: ImageSet) -> list[ImageSet]:
-    d = cfg.data
-    return [
-        _head(s, limit)
-        for s, limit in zip(sets, (d.unlabeled_limit, d.labeled_limit, d.test_limit), strict=True)
-    ]
+@dataclass(frozen=True)
+class Overlap:
+    first: str
+    second: str
+    count: int
+    examples: tuple[tuple[str, str], ...]  # (source in first, source in second)
 
 
-def _read_folders(cfg: PipelineConfig) -> tuple[ImageSet, ImageSet, ImageSet]:
-    d = cfg.data
-    root = Path(d.dvc.root)
-    folders = {name: root / folder for name, folder in dataset_folders(cfg).items()}
-    kwargs = {"channels": d.channels, "image_size": d.image_size}
-    unlabeled = load_image_folder(folders["unlabeled"], labeled=False, **kwargs)  # type: ignore[arg-type]
-    labeled = load_image_folder(folders["labeled"], labeled=True, **kwargs)  # type: ignore[arg-type]
-    test = load_image_folder(folders["test"], labeled=True, classes=labeled.classes, **kwargs)  # type: ignore[arg-type]
-    return unlabeled, labeled, test
+def overlaps(folders: dict[str, Path]) -> list[Overlap]:
+    """Images (by id) that two of the datasets both hold, with a few of their sources."""
+    known = {name: KnownImages.of(folder) for name, folder in folders.items()}
+    found = []
+    names = list(folders)
+    for i, first in enumerate(names):
+        for second in names[i + 1 :]:
+            shared = known[first].overlap(known[second])
+            if len(shared):
+                examples = tuple(
+                    zip(
+                        _sources(folders[first], shared[:3]),
+                        _sources(folders[second], shared[:3]),
+                        strict=True,
+                    )
+                )
+                found.append(Overlap(first, second, len(shared), examples))
+    return found
+
+
+def _sources(folder: Path, ids: Any) -> list[str]:
+    """The sources of the images ``ids`` (numpy S32, which drops trailing zero bytes), in that order."""
+    wanted = [bytes(i).ljust(ID_BYTES, b"\0") for i in ids]
+    table = read_manifest(folder, ["id", "source"])
+    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(wanted, pa.binary(ID_BYTES))))
+    by_id = dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
+    return [by_id[i] for i in wanted]
+
+
+def check_test_overlap(folders: dict[str, Path], allow: bool) -> list[Overlap]:
+    """Raise ``DataError`` when the test set shares images with a training set (unless ``allow``)."""
+    found = overlaps({name: folder for name, folder in folders.items() if is_dataset(folder)})
+    leaks = [o for o in found if "test" in (o.first, o.second)]
+    if leaks and not allow:
+        leak = leaks[0]
+        training, test = (leak.first, leak.second) if leak.second == "test" else (leak.second, leak.first)
+        where, test_source = leak.examples[0] if leak.second == "test" else leak.examples[0][::-1]
+        raise DataError(
+            f"{folders[test]}: {leak.count} test images are also in the {training} set, e.g. {test_source}"
+            f" is {where}; remove them from the source or set data.allow_test_overlap: true"
+        )
+    return found
 
 
 def prepare_data(cfg: PipelineConfig, dvc_versions: dict[str, str] | None = None) -> PreparedData:
-    """The run's datasets as stored tensors: from the DVC-tracked folders when ``dvc_versions``
-    (dataset name -> DVC hash) is given, else straight from the configured sources."""
-    raw = _read_folders(cfg) if dvc_versions is not None else read_sources(cfg)
-    unlabeled, labeled, test = _limited(cfg, *raw)
-    d = cfg.data
-    for name, images in (("unlabeled", unlabeled), ("labeled", labeled), ("test", test)):
-        if images.images.shape[1] != d.channels:
+    """The run's datasets as described by their manifests (``dvc_versions``: name -> DVC hash)."""
+    root = data_root(cfg)
+    summaries = {name: summarize(root / folder) for name, folder in dataset_folders(cfg).items()}
+    mode = _rules(cfg).mode
+    for name, summary in summaries.items():
+        if summary.mode != mode:
             raise DataError(
-                f"{name} images have {images.images.shape[1]} channels, data.channels is {d.channels}"
+                f"{summary.folder}: the {name} images were ingested as {summary.mode};"
+                f" data.channels {cfg.data.channels} needs {mode}"
             )
-    pixels = unlabeled.images.float().div_(255)
-    folder = cfg.workspace_path / "data"
+    classes = summaries["labeled"].classes
+    unknown = sorted(set(summaries["test"].classes) - set(classes))
+    if unknown:
+        raise DataError(
+            f"{summaries['test'].folder}: test class {unknown[0]!r} is not one of the labeled classes"
+            f" {list(classes)}"
+        )
     versions = dvc_versions or {}
-    return PreparedData(
-        unlabeled=_store("unlabeled", unlabeled, folder, versions.get("unlabeled")),
-        labeled=_store("labeled", labeled, folder, versions.get("labeled")),
-        test=_store("test", test, folder, versions.get("test")),
-        mean=pixels.mean().item(),
-        std=pixels.std().item(),
+    refs = {
+        name: DatasetRef(
+            name,
+            s.folder,
+            s.digest,
+            s.num_images,
+            () if name == "unlabeled" else classes,
+            s.shards,
+            s.bytes,
+            versions.get(name),
+        )
+        for name, s in summaries.items()
+    }
+    unlabeled = summaries["unlabeled"]
+    return PreparedData(refs["unlabeled"], refs["labeled"], refs["test"], unlabeled.mean, unlabeled.std)
+
+
+def ingest_and_prepare(cfg: PipelineConfig) -> PreparedData:
+    """The data step without DVC (``data.dvc.enabled: false``, benchmarks, tests)."""
+    ingest_sources(cfg)
+    return prepare_data(cfg)
+
+
+def is_legacy_folder(folder: Path) -> bool:
+    """A dataset folder of the one-PNG-per-image layout (before shards)."""
+    if not folder.is_dir() or is_dataset(folder):
+        return False
+    return any(folder.glob("*.png")) or any(folder.glob("*/*.png"))
+
+
+def convert_legacy_folder(
+    folder: Path, kind: Kind, rules: ImageRules, limits: IngestLimits
+) -> IngestReport | None:
+    """Rewrite a one-PNG-per-image dataset folder as shards (the PNGs' bytes, unchanged), once.
+
+    The PNGs move aside while their bytes are ingested and are deleted once the shards are
+    committed; DVC's cache still holds the old version.
+    """
+    if not is_legacy_folder(folder):
+        return None
+    aside = folder.with_name(f".{folder.name}.png-layout")
+    if aside.exists():
+        raise DataError(
+            f"{aside}: a conversion of {folder} was interrupted; move the PNGs back into {folder}"
+        )
+    folder.rename(aside)
+    items = (item for item in source_items(str(aside), kind))
+    report = ingest(
+        items, kind, folder, rules, on_bad="fail", source=f"{folder} (one PNG per image)", limits=limits
     )
+    shutil.rmtree(aside)
+    logger.warning("%s: converted %d PNG files to %d shards", folder, report.added, report.shards_written)
+    return report

@@ -31,8 +31,9 @@ from ssl_models.evaluate import (
     linear_probe,
 )
 from tasks.config import FinetuneConfig, LinearProbeConfig, PipelineConfig
-from tasks.data import PreparedData, load_dataset
+from tasks.data import PreparedData
 from tasks.pretrain import build_encoder
+from tasks.streaming import read_images
 
 PROTOCOLS = ("knn", "linear", "finetune", "supervised")
 FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache serves them
@@ -168,9 +169,8 @@ def cached_features(
 
 
 def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path) -> EvalInputs:
-    labeled, test = load_dataset(data.labeled), load_dataset(data.test)
-    if labeled.labels is None or test.labels is None:
-        raise ValueError(f"{data.labeled.path} / {data.test.path}: the evaluation sets need labels")
+    labeled, test = read_images(cfg, data.labeled), read_images(cfg, data.test)
+    assert labeled.labels is not None and test.labels is not None
     ev = cfg.evaluate
     fractions = [*ev.label_fractions, *ev.finetune_fractions]
     validation, splits = label_splits(labeled.labels, fractions, ev.validation_size, cfg.seed)
@@ -180,7 +180,7 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
         labeled.labels,
         test.images,
         test.labels,
-        tuple(labeled.classes),
+        tuple(data.labeled.classes),
         validation,
         splits,
         state,

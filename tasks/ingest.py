@@ -1,40 +1,46 @@
-"""Ingest images into the canonical layout that DVC versions, validating every file.
+"""Ingest images into a dataset folder of shards (``tasks.shards``), streaming, validating every image.
 
-A dataset folder holds PNG files named by the content of their pixels:
+The source is read as a stream of ``SourceItem``: worker threads (one per core) download or read
+each image, decode it fully, check it (it decodes, its mode converts to the dataset's, its sides
+are within bounds), hash its bytes and measure its pixels; this process keeps what is new and
+writes it to new shards. Memory holds a bounded window of images in flight and one row group per
+open shard, whatever the size of the source.
 
-    unlabeled:  <dest>/<id>.png
-    labeled:    <dest>/<class>/<id>.png
-
-where ``id`` is the first 32 hex digits of the SHA-256 of the decoded image (mode, size and
-pixels). The same image is one file however often, and from wherever, it is ingested, and
-adding images adds files without rewriting the others, so DVC re-hashes and uploads only
-what is new.
-
-Every source file is decoded and checked (it decodes, its mode converts to the dataset's,
-its sides are within bounds). A bad file is copied to the quarantine folder and listed with
-its reason in the report; it never enters the dataset. Label problems fail the whole ingest
-before anything is written, naming the file: a labels file that does not match its images,
-a label outside the classes, one image under two classes, a class the dataset lacks.
+Duplicates are dropped by id (the SHA-256 of the bytes), within the source and against what the
+folder already holds. Label problems fail the ingest, naming the file: an image without a class
+in labeled data, a class the dataset lacks (unless ``allow_new_classes``), one image under two
+classes. A bad image fails it too (``on_bad="fail"``), or is copied to the quarantine folder with
+its reason (``"quarantine"``). A failed or interrupted ingest leaves the folder as it was: its
+shards are staged beside it and its manifest part, written last, commits them.
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
+import math
 import os
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections import deque
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ssl_models.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, DataError, read_idx
+from ssl_models.data import DataError
+from tasks.shards import ImageRecord, KnownImages, ShardWriter, dataset_mode, remove_uncommitted
+from tasks.sources import Kind, SourceItem
 
-Kind = Literal["unlabeled", "labeled"]
+OnBad = Literal["fail", "quarantine"]
+MODES = {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "CMYK", "YCbCr"}
+CHUNK = 32  # images a worker checks per task
+MAX_OPEN_SHARDS = 64
+LISTED_QUARANTINE = 1000  # quarantined files named in a report (all are counted)
 
 
 @dataclass(frozen=True)
@@ -43,11 +49,24 @@ class ImageRules:
 
     channels: Literal[1, 3] = 1
     min_side: int = 8
-    max_side: int = 4096
+    max_side: int = 8192
 
     @property
     def mode(self) -> str:
         return "L" if self.channels == 1 else "RGB"
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """How an ingest uses the machine: workers, shard size, and the memory it may hold."""
+
+    workers: int = 0  # threads that read, decode and check images; 0: one per core
+    shard_mb: float = 128
+    memory_mb: float = 512  # images in flight plus the open shards' row groups
+
+    @property
+    def threads(self) -> int:
+        return self.workers or os.cpu_count() or 1
 
 
 @dataclass
@@ -58,185 +77,201 @@ class IngestReport:
     added: int = 0
     already_present: int = 0
     duplicates_in_source: int = 0
-    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (source file, reason)
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (source file, reason), the first 1,000
+    num_quarantined: int = 0
     classes: list[str] = field(default_factory=list)
     total: int = 0  # images in the dataset after the ingest
+    shards_written: int = 0
+    bytes_written: int = 0
+    seconds: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
 class BadImage(Exception):
-    """A source file that cannot enter the dataset; the message is the reason."""
+    """An image that cannot enter the dataset; the message is the reason."""
 
 
 @dataclass(frozen=True)
-class SourceItem:
-    name: str  # where it came from, for messages and the report
-    read: Callable[[], bytes | np.ndarray]  # encoded bytes, or pixels already decoded (IDX)
-    label: str | None
+class Checked:
+    """A worker's verdict on one item: a record, or the reason it is bad."""
+
+    record: ImageRecord | None
+    reason: str = ""
 
 
-def decode(data: bytes | np.ndarray, rules: ImageRules) -> np.ndarray:
+def decode(data: bytes, rules: ImageRules) -> np.ndarray:
     """Pixels (H, W) or (H, W, 3) in the dataset's mode; ``BadImage`` says why not."""
-    if isinstance(data, np.ndarray):
-        array = data
-    else:
-        try:
-            with Image.open(io.BytesIO(data)) as img:
-                img.load()
-                if img.mode not in {"1", "L", "LA", "P", "PA", "RGB", "RGBA", "I;16", "I", "CMYK", "YCbCr"}:
-                    raise BadImage(f"unsupported image mode {img.mode}")
-                array = np.asarray(img.convert(rules.mode), dtype=np.uint8)
-        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-            raise BadImage(f"cannot decode image ({type(e).__name__}: {e})") from e
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in MODES:
+                raise BadImage(f"unsupported image mode {img.mode}")
+            array = np.asarray(img.convert(rules.mode), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        raise BadImage(f"cannot decode image ({type(e).__name__}: {e})") from e
     height, width = array.shape[:2]
     if min(height, width) < rules.min_side or max(height, width) > rules.max_side:
         raise BadImage(f"size {width}x{height} outside {rules.min_side}-{rules.max_side} px per side")
     return array
 
 
-def image_id(array: np.ndarray) -> str:
-    h = hashlib.sha256(f"{array.dtype}{array.shape}".encode())
-    h.update(np.ascontiguousarray(array).tobytes())
-    return h.hexdigest()[:32]
+def check(item: SourceItem, rules: ImageRules, s3_endpoint: str | None = None) -> Checked:
+    """Read, decode, validate, hash and measure one image (runs in a worker thread)."""
+    s3_client = None
+    if item.name.startswith("s3://"):
+        from tasks.s3 import shared_client
+
+        s3_client = shared_client(s3_endpoint)
+    try:
+        data = item.read(s3_client)
+    except (OSError, DataError) as e:
+        return Checked(None, f"cannot read ({e})")
+    try:
+        pixels = decode(data, rules)
+    except BadImage as e:
+        return Checked(None, str(e))
+    scaled = pixels.astype(np.float32) / 255.0
+    record = ImageRecord(
+        id=hashlib.sha256(data).digest(),
+        data=data,
+        label=item.label,
+        source=item.name,
+        width=pixels.shape[1],
+        height=pixels.shape[0],
+        pixel_mean=float(scaled.mean()),
+        pixel_sq_mean=float(np.square(scaled).mean()),
+    )
+    return Checked(record)
 
 
-def _write_png(array: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    Image.fromarray(array).save(tmp, format="PNG")
-    os.replace(tmp, path)
+def _check_chunk(items: list[SourceItem], rules: ImageRules, s3_endpoint: str | None) -> list[Checked]:
+    return [check(item, rules, s3_endpoint) for item in items]
 
 
-def _read_file(path: Path) -> Callable[[], bytes]:
-    return path.read_bytes
+def checked(
+    items: Iterable[SourceItem], rules: ImageRules, workers: int, s3_endpoint: str | None = None
+) -> Iterator[tuple[SourceItem, Checked]]:
+    """Every item with its verdict, in source order, checked by ``workers`` threads with at most two
+    chunks each in flight. Threads, not processes: decoding (PIL) and hashing release the GIL, and
+    nothing (the images' bytes) has to be copied between processes."""
+    iterator = iter(items)
+    with ThreadPoolExecutor(workers, thread_name_prefix="ingest") as pool:
+        pending: deque[tuple[list[SourceItem], Future[list[Checked]]]] = deque()
+        try:
+            while True:
+                while len(pending) < 2 * workers and (chunk := list(islice(iterator, CHUNK))):
+                    pending.append((chunk, pool.submit(_check_chunk, chunk, rules, s3_endpoint)))
+                if not pending:
+                    return
+                chunk, future = pending.popleft()
+                yield from zip(chunk, future.result(), strict=True)
+        finally:
+            for _, future in pending:
+                future.cancel()
 
 
-def folder_items(root: Path, kind: Kind) -> list[SourceItem]:
-    """Every image file below ``root``; for ``labeled``, the class is the first sub-folder."""
-    if not root.is_dir():
-        raise DataError(f"{root}: not a folder")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if kind == "labeled":
-        loose = [p for p in files if p.parent == root]
-        if loose:
-            raise DataError(f"{loose[0]}: a labeled folder holds images in one sub-folder per class")
-    if not files:
-        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return [
-        SourceItem(str(p), _read_file(p), p.relative_to(root).parts[0] if kind == "labeled" else None)
-        for p in files
-    ]
-
-
-def idx_items(
-    images_path: Path, labels_path: Path | None, classes: tuple[str, ...] = FASHION_MNIST_CLASSES
-) -> list[SourceItem]:
-    """Images of an IDX file, with class names from an IDX labels file when given."""
-    images = read_idx(images_path)
-    if images.ndim != 3:
-        raise DataError(f"{images_path}: expected images of shape (N, H, W), got {images.shape}")
-    labels: list[str | None] = [None] * len(images)
-    if labels_path is not None:
-        raw = read_idx(labels_path)
-        if raw.ndim != 1:
-            raise DataError(f"{labels_path}: expected labels of shape (N,), got {raw.shape}")
-        if len(raw) != len(images):
-            raise DataError(f"{labels_path}: {len(raw)} labels for {len(images)} images in {images_path}")
-        if len(raw) and raw.max() >= len(classes):
-            raise DataError(f"{labels_path}: label {raw.max()} outside 0-{len(classes) - 1}")
-        labels = [class_folder(classes[i]) for i in raw]
-    return [
-        SourceItem(f"{images_path}[{i}]", functools.partial(np.asarray, array), label)
-        for i, (array, label) in enumerate(zip(images, labels, strict=True))
-    ]
-
-
-def class_folder(name: str) -> str:
-    """A class name as one folder name: Fashion-MNIST's "T-shirt/top" becomes "T-shirt_top"."""
-    return name.replace("/", "_").replace("\\", "_").lstrip(".") or "_"
-
-
-def existing_ids(dest: Path, kind: Kind) -> dict[str, str | None]:
-    """The ids already in a dataset folder, with their class."""
-    pattern = "*/*.png" if kind == "labeled" else "*.png"
-    return {p.stem: (p.parent.name if kind == "labeled" else None) for p in dest.glob(pattern)}
+def _shard_count(expected_bytes: int, limits: IngestLimits) -> int:
+    return max(1, min(MAX_OPEN_SHARDS, math.ceil(expected_bytes / (limits.shard_mb * 2**20))))
 
 
 def ingest(
     items: Iterable[SourceItem],
     kind: Kind,
     dest: str | Path,
-    quarantine: str | Path,
     rules: ImageRules = ImageRules(),
+    *,
+    on_bad: OnBad = "quarantine",
+    quarantine: str | Path | None = None,
     allow_new_classes: bool = False,
     source: str = "",
-    workers: int = 8,
+    limits: IngestLimits = IngestLimits(),
+    expected_bytes: int = 0,
+    s3_endpoint: str | None = None,
 ) -> IngestReport:
-    """Validate ``items`` and add the good ones to the dataset folder ``dest``."""
-    dest, quarantine = Path(dest), Path(quarantine)
-    items = list(items)
+    """Validate ``items`` and add the new, good ones to the dataset folder ``dest`` as new shards.
+
+    ``expected_bytes`` (the source's size, from its listing) sets how many shards the images are
+    spread over, so that each holds about ``limits.shard_mb``.
+    """
+    start = time.perf_counter()
+    dest = Path(dest)
     report = IngestReport(kind=kind, source=source, dest=str(dest))
-    present = existing_ids(dest, kind)
-    known_classes = sorted({c for c in present.values() if c is not None})
-    if kind == "labeled":
-        if any(item.label is None for item in items):
-            raise DataError(f"{source}: labeled data needs a class for every image")
-        new = sorted({str(item.label) for item in items} - set(known_classes))
-        if new and known_classes and not allow_new_classes:
-            raise DataError(
-                f"{source}: class {new[0]!r} is not one of the dataset's classes {known_classes}"
-                " (allow_new_classes to add it)"
-            )
-
-    def check(item: SourceItem) -> tuple[SourceItem, np.ndarray | None, str]:
-        try:
-            array = decode(item.read(), rules)
-            return item, array, image_id(array)
-        except BadImage as e:
-            return item, None, str(e)
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        checked = list(pool.map(check, items))
-
-    chosen: dict[str, tuple[SourceItem, np.ndarray]] = {}
-    bad: list[tuple[SourceItem, str]] = []
-    for item, array, identity in checked:
-        if array is None:
-            bad.append((item, identity))  # identity holds the reason
-        elif identity in chosen:
-            first = chosen[identity][0]
-            if first.label != item.label:
-                raise DataError(f"{item.name}: the same image as {first.name} under another class")
-            report.duplicates_in_source += 1
-        elif identity in present:
-            if present[identity] != item.label:
-                raise DataError(
-                    f"{item.name}: the same image is already in the dataset as class {present[identity]!r}"
+    remove_uncommitted(dest)
+    mode = dataset_mode(dest)
+    if mode is not None and mode != rules.mode:
+        raise DataError(f"{dest}: the dataset holds {mode} images; this ingest converts to {rules.mode}")
+    known = KnownImages.of(dest)
+    known_classes = {str(label) for label in known.labels if label is not None}
+    shards = _shard_count(expected_bytes, limits)
+    memory = limits.memory_mb * 2**20
+    # Half the budget for the open shards' row groups, the rest for images in flight.
+    writer = ShardWriter(
+        dest, rules.mode, shards, int(limits.shard_mb * 2**20), max(2**20, int(memory / 2 / shards))
+    )
+    seen: dict[bytes, str | None] = {}  # this ingest's ids and labels
+    classes = set(known_classes)
+    try:
+        for item, verdict in checked(items, rules, limits.threads, s3_endpoint):
+            if kind == "labeled":
+                if item.label is None:
+                    raise DataError(f"{item.name}: labeled data needs a class for every image")
+                if item.label not in classes:
+                    if known_classes and not allow_new_classes:
+                        raise DataError(
+                            f"{item.name}: class {item.label!r} is not one of the dataset's classes"
+                            f" {sorted(known_classes)} (allow_new_classes to add it)"
+                        )
+                    classes.add(item.label)
+            record = verdict.record
+            if record is None:
+                if on_bad == "fail":
+                    raise DataError(f"{item.name}: {verdict.reason}")
+                _quarantine(
+                    item, verdict.reason, Path(quarantine or dest.parent / f".{dest.name}.quarantine")
                 )
-            report.already_present += 1
-        else:
-            chosen[identity] = (item, array)
-
-    for item, reason in bad:
-        _quarantine(item, reason, quarantine)
-        report.quarantined.append((item.name, reason))
-    for identity, (item, array) in chosen.items():
-        folder = dest / item.label if item.label is not None else dest
-        _write_png(array, folder / f"{identity}.png")
-    report.added = len(chosen)
-    report.total = len(present) + len(chosen)
-    report.classes = sorted(set(known_classes) | {str(i.label) for i, _ in chosen.values() if i.label})
+                report.num_quarantined += 1
+                if len(report.quarantined) < LISTED_QUARANTINE:
+                    report.quarantined.append((item.name, verdict.reason))
+                continue
+            if record.id in seen:
+                if seen[record.id] != item.label:
+                    raise DataError(
+                        f"{item.name}: the same image is earlier in the source as class {seen[record.id]!r}"
+                    )
+                report.duplicates_in_source += 1
+                continue
+            present, label = known.label_of(record.id)
+            if present:
+                if label != item.label:
+                    raise DataError(
+                        f"{item.name}: the same image is already in the dataset as class {label!r}"
+                    )
+                report.already_present += 1
+                continue
+            seen[record.id] = item.label
+            writer.add(record)
+        report.added = len(writer)
+        report.seconds = time.perf_counter() - start
+        record_of_ingest = {**report.as_dict(), "quarantined": report.quarantined[:100]}
+        writer.commit(record_of_ingest)
+    except BaseException:
+        writer.abort()
+        raise
+    report.shards_written = len(writer.shards_written)
+    report.bytes_written = writer.bytes_written
+    report.total = len(known) + report.added
+    report.classes = sorted(classes) if kind == "labeled" else []
     return report
 
 
 def _quarantine(item: SourceItem, reason: str, quarantine: Path) -> None:
     quarantine.mkdir(parents=True, exist_ok=True)
     safe = item.name.replace(os.sep, "__").replace(":", "_")[-200:]
-    data = item.read()
-    if isinstance(data, np.ndarray):
-        np.save(quarantine / f"{safe}.npy", data)
-    else:
-        (quarantine / safe).write_bytes(data)
+    try:
+        data = item.read()
+    except (OSError, DataError):
+        data = b""
+    (quarantine / safe).write_bytes(data)
     (quarantine / f"{safe}.reason.txt").write_text(reason + "\n")

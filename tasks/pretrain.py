@@ -1,8 +1,9 @@
 """Self-supervised pretraining as a Ray Train run: data-parallel workers, checkpoints in storage.
 
 The task only builds Ray's configs from the typed config (``scaling_config``,
-``run_config``); each worker runs ``train_worker``, which is ``ssl_models.train.pretrain``
-plus the hand-off of checkpoints to Ray. Local by default (``ray.init()`` on this machine,
+``run_config``) and the unlabeled images as a Ray Dataset (``tasks.streaming``); each worker
+runs ``train_worker``, which is ``ssl_models.train.pretrain`` on its dataset shard plus the
+hand-off of checkpoints to Ray. Local by default (``ray.init()`` on this machine,
 checkpoints under the workspace); ``RAY_ADDRESS`` or ``ray.address`` joins a cluster and
 ``ray.storage_path: s3://...`` keeps checkpoints in S3, with no code change.
 
@@ -14,27 +15,35 @@ worker that dies is restarted from the latest checkpoint (``ray.max_failures``).
 from __future__ import annotations
 
 import logging
-import os
-import socket
 import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import ray
 import ray.train
 import torch
 from pyarrow import fs as pafs
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    DataConfig,
+    FailureConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchTrainer
 
 from ssl_models import Encoder, create_backbone, create_method
-from ssl_models.train import load_checkpoint, pretrain, total_steps
+from ssl_models.train import load_checkpoint, pretrain
+from tasks import streaming
+from tasks.cluster import connect
 from tasks.config import PipelineConfig
-from tasks.data import PreparedData, load_dataset
+from tasks.data import PreparedData
+from tasks.s3 import arrow_filesystem
 
 ENTRYPOINT = "ssl-pipeline pretrain"  # what a cluster job runs (infra/ray/)
 CLUSTER_IMAGE = "ghcr.io/ssl-pipeline/ssl-pipeline:0.1.0"
@@ -90,61 +99,16 @@ def run_dir(cfg: PipelineConfig, data: PreparedData) -> Path:
     return cfg.workspace_path / "pretrain" / run_name(cfg, data).removeprefix("pretrain-")
 
 
-def connect(cfg: PipelineConfig) -> None:
-    """Join the configured Ray cluster (``ray.address``, else ``RAY_ADDRESS``), or start one here.
-
-    An unreachable address fails at once, naming the setting; Ray itself would retry for minutes.
-    """
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
-    if address and address not in ("auto", "local"):
-        host, _, port = address.removeprefix("ray://").rpartition(":")
-        try:
-            socket.create_connection((host, int(port)), timeout=10).close()
-        except (OSError, ValueError) as e:
-            raise ConnectionError(
-                f"cannot reach the Ray cluster at {address!r} (ray.address or RAY_ADDRESS): {e}"
-            ) from None
-    # Ray's own INFO/WARNING lines (and, without the dashboard package, a state-API warning
-    # every few seconds) drown the training progress; errors still show.
-    ray.init(
-        address=address,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-    )
-
-
 def storage(cfg: PipelineConfig) -> tuple[str, pafs.FileSystem | None]:
-    """Ray's ``storage_path`` and, for an S3-compatible endpoint, the filesystem to reach it.
-
-    PyArrow ignores ``AWS_ENDPOINT_URL_S3``, so an endpoint is passed as ``endpoint_override``;
-    credentials come from the environment (or an instance profile), never from the config.
-    """
+    """Ray's ``storage_path`` and, for an S3-compatible endpoint, the filesystem to reach it;
+    credentials come from the environment (or an instance profile), never from the config."""
     path = cfg.ray.storage_path
     if not path:
         return str((cfg.workspace_path / "ray").resolve()), None
     if not path.startswith("s3://"):
         return str(Path(path).resolve()), None
-    if not cfg.ray.storage_endpoint_url:
-        return path, None
-    endpoint = urlparse(cfg.ray.storage_endpoint_url)
-    keys = {}
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        # The driver's keys travel with the filesystem to workers whose environment lacks them.
-        keys = {
-            "access_key": os.environ["AWS_ACCESS_KEY_ID"],
-            "secret_key": os.environ["AWS_SECRET_ACCESS_KEY"],
-            "session_token": os.environ.get("AWS_SESSION_TOKEN"),
-        }
-    filesystem = pafs.S3FileSystem(
-        endpoint_override=endpoint.netloc,
-        scheme=endpoint.scheme or "https",
-        region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
-        **keys,
-    )
-    return path.removeprefix("s3://"), filesystem
+    filesystem = arrow_filesystem(cfg.ray.storage_endpoint_url)
+    return (path.removeprefix("s3://"), filesystem) if filesystem else (path, None)
 
 
 def latest_checkpoint(cfg: PipelineConfig, name: str) -> Checkpoint | None:
@@ -169,10 +133,23 @@ def checkpoint_step(checkpoint: Checkpoint) -> int:
     return int(checkpoint.path.rstrip("/").rsplit("step-", 1)[1])
 
 
+def global_batch(cfg: PipelineConfig, num_images: int) -> int:
+    """The configured batch, or every image a worker's equal share allows when there are fewer."""
+    world = cfg.ray.num_workers
+    return min(cfg.pretrain.batch_size, num_images // world * world)
+
+
+def total_steps(cfg: PipelineConfig, num_images: int) -> int:
+    """Optimiser steps of the run: each worker gets ``num_images // world`` images an epoch
+    (Ray's equal split) and takes full batches of its share of the global batch."""
+    world = cfg.ray.num_workers
+    return num_images // world // (global_batch(cfg, num_images) // world) * cfg.pretrain.epochs
+
+
 def finished_checkpoint(cfg: PipelineConfig, data: PreparedData) -> dict[str, Any] | None:
     """The final training state of this pretraining if a previous run finished it, else None."""
     checkpoint = latest_checkpoint(cfg, run_name(cfg, data))
-    steps = total_steps(data.unlabeled.num_images, cfg.pretrain.settings(cfg.seed))
+    steps = total_steps(cfg, data.unlabeled.num_images)
     if checkpoint is None or checkpoint_step(checkpoint) != steps:
         return None
     with checkpoint.as_directory() as folder:
@@ -219,10 +196,22 @@ def train_worker(config: dict[str, Any]) -> None:
     cfg: PipelineConfig = config["cfg"]
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
-    # Ray Train logs two INFO lines per checkpoint from each worker; the epoch lines say enough.
+    # Ray Train logs two INFO lines per checkpoint from each worker, Ray Data one per epoch; the
+    # epoch lines say enough.
     logging.getLogger("ray.train").setLevel(logging.WARNING)
-    rank = ray.train.get_context().get_world_rank()
-    images = torch.from_numpy(ray.get(config["images"]).copy())  # the object store's copy is read-only
+    streaming.quiet()
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    num_images = config["num_images"]
+    images = streaming.StreamedBatches(
+        ray.train.get_dataset_shard("unlabeled"),
+        rows=num_images // world,
+        batch_size=global_batch(cfg, num_images),
+        world=world,
+        seed=cfg.seed,
+        shuffle_rows=streaming.shuffle_rows(cfg, num_images // world),
+        prefetch_batches=cfg.data.streaming.prefetch_batches,
+    )
     encoder = build_encoder(cfg, config["mean"], config["std"])
     method = create_method(cfg.pretrain.method, encoder, cfg.pretrain.method_params)
     resume_from = None
@@ -247,11 +236,12 @@ def train_worker(config: dict[str, Any]) -> None:
 
     def epoch_end(row: dict[str, float]) -> None:
         progress_logger().info(
-            "pretrain epoch %d/%d  loss %.4f  %.0f images/s",
+            "pretrain epoch %d/%d  loss %.4f  %.0f images/s  waiting for data %.0f%%",
             row["epoch"],
             cfg.pretrain.epochs,
             row["loss"],
             row["images_per_s"],
+            100 * row["data_wait_share"],
         )
         if on_epoch_end:
             on_epoch_end(row)
@@ -284,18 +274,22 @@ def pretrain_encoder(
         resumed_from_step = state["step"]
     else:
         connect(cfg)
-        images = load_dataset(data.unlabeled).images
+        streaming.quiet()
+        check_cpus_for_streaming(cfg, data)
+        images = streaming.image_dataset(cfg, data.unlabeled)
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={
                 "cfg": cfg,
-                "images": ray.put(images.numpy()),
+                "num_images": data.unlabeled.num_images,
                 "mean": data.mean,
                 "std": data.std,
                 "on_epoch_end": on_epoch_end,
             },
             scaling_config=scaling_config(cfg),
             run_config=run_config(cfg, name),
+            datasets={"unlabeled": images},
+            dataset_config=DataConfig(execution_options=streaming.ingest_options()),
         )
         result = trainer.fit()
         if result.checkpoint is None:
@@ -316,6 +310,21 @@ def pretrain_encoder(
         run_name=name,
         checkpoint_uri=checkpoint_uri(cfg, name, state["step"]),
     )
+
+
+def check_cpus_for_streaming(cfg: PipelineConfig, data: PreparedData) -> None:
+    """A streamed (not materialised) dataset decodes while the workers train: it needs a CPU they
+    do not hold, or Ray Data waits for one for ever."""
+    if streaming.fits_in_object_store(cfg, data.unlabeled):
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    held = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+    if cpus - held < 1:
+        raise ValueError(
+            f"ray.cpus_per_worker: {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker:g} CPUs hold all"
+            f" {cpus:g} CPUs of the cluster, and streaming the {data.unlabeled.num_images} images needs one"
+            " more to decode them: lower ray.cpus_per_worker, add a CPU node, or data.streaming.materialize"
+        )
 
 
 def save_encoder(state: dict[str, Any], path: Path) -> Path:

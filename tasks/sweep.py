@@ -30,6 +30,7 @@ from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialSch
 
 from ssl_models.evaluate import extract_features
 from tasks import progress
+from tasks.cluster import connect
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
@@ -45,7 +46,7 @@ from tasks.evaluate import (
     trial_encoder,
     trial_specs,
 )
-from tasks.pretrain import connect, progress_logger, storage
+from tasks.pretrain import progress_logger, storage
 
 METRIC = "val_accuracy"
 CLASSIFIER_FILE = "classifier.pt"

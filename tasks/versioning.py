@@ -13,16 +13,17 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import dvc.api
 import yaml
 from dvc.exceptions import DvcException
 from dvc.repo import Repo
 
 from tasks.config import PipelineConfig
-from tasks.data import dataset_folders
+from tasks.data import PreparedData, dataset_folders
 
 
 class VersioningError(RuntimeError):
@@ -198,3 +199,19 @@ def recorded_versions(cfg: PipelineConfig) -> dict[str, str] | None:
     if not cfg.data.dvc.enabled or not present or any(v is None for v in versions.values()):
         return None
     return {name: v.md5 for name, v in versions.items() if v is not None}
+
+
+def with_remote_shards(cfg: PipelineConfig, prepared: PreparedData) -> PreparedData:
+    """The datasets with the DVC remote's URL of each shard (``s3://...`` for an S3 remote): what
+    runs read with ``data.streaming.shards_from: remote``, so workers fetch the very objects of
+    the version, and nothing of the dataset passes through this machine."""
+    root = Path(cfg.data.dvc.root).resolve()
+    refs = []
+    for ref in prepared.refs():
+        folder = Path(ref.path).resolve().relative_to(root)
+        try:
+            urls = tuple(dvc.api.get_url(str(folder / shard), repo=str(root)) for shard in ref.shards)
+        except DvcException as e:
+            raise VersioningError(f"{folder}: cannot locate its shards in the DVC remote ({e})") from e
+        refs.append(replace(ref, shard_uris=urls))
+    return replace(prepared, unlabeled=refs[0], labeled=refs[1], test=refs[2])

@@ -60,9 +60,12 @@ def mlflow_server(request: pytest.FixtureRequest, s3_server, tmp_path_factory: p
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> str:
-    """A local Ray instance shared by the session's tests (``tasks.pretrain`` joins it); its address."""
+    """A local Ray shared by the session's tests (``tasks.cluster.connect`` joins it); its address."""
     import ray
 
+    if ray.is_initialized():  # a test before started it through tasks.cluster.connect
+        yield ray.get_runtime_context().gcs_address
+        return
     ray.init(
         num_cpus=2,
         include_dashboard=False,

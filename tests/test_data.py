@@ -11,7 +11,6 @@ from ssl_models.data import (
     DataError,
     load_fashion_mnist,
     load_idx_pair,
-    load_image_folder,
     read_idx,
     stratified_subset,
 )
@@ -64,47 +63,6 @@ def test_wrong_labels_file_is_named(tmp_path: Path) -> None:
 def save_png(path: Path, value: int, size: int = 28) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.full((size, size), value, dtype=np.uint8)).save(path)
-
-
-def test_labeled_folder_reads_classes_and_resizes(tmp_path: Path) -> None:
-    save_png(tmp_path / "cat" / "a.png", 10)
-    save_png(tmp_path / "cat" / "b.png", 20, size=40)
-    save_png(tmp_path / "dog" / "c.png", 30)
-    data = load_image_folder(tmp_path, labeled=True)
-    assert data.classes == ("cat", "dog")
-    assert data.labels.tolist() == [0, 0, 1]
-    assert data.images.shape == (3, 1, 28, 28)
-    assert data.images[2].unique().tolist() == [30]
-
-
-def test_unlabeled_folder_is_flat_and_rgb_when_asked(tmp_path: Path) -> None:
-    save_png(tmp_path / "x.png", 10)
-    save_png(tmp_path / "sub" / "y.png", 20)
-    data = load_image_folder(tmp_path, labeled=False, channels=3, image_size=32)
-    assert data.labels is None and data.images.shape == (2, 3, 32, 32)
-
-
-def test_corrupt_image_names_the_file_or_is_skipped_and_listed(tmp_path: Path) -> None:
-    save_png(tmp_path / "good.png", 10)
-    save_png(tmp_path / "truncated.png", 20)
-    truncated = tmp_path / "truncated.png"
-    truncated.write_bytes(truncated.read_bytes()[:30])
-    (tmp_path / "garbage.jpg").write_bytes(b"\x00" * 100)
-    with pytest.raises(DataError, match=r"garbage\.jpg: cannot decode image"):
-        load_image_folder(tmp_path, labeled=False)
-    data = load_image_folder(tmp_path, labeled=False, skip_corrupt=True)
-    assert len(data) == 1
-    assert sorted(Path(f).name for f, _ in data.skipped) == ["garbage.jpg", "truncated.png"]
-
-
-def test_folder_errors(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="not a folder"):
-        load_image_folder(tmp_path / "missing", labeled=False)
-    with pytest.raises(DataError, match="one sub-folder per class"):
-        load_image_folder(tmp_path, labeled=True)
-    (tmp_path / "notes.txt").write_text("hi")
-    with pytest.raises(DataError, match="no images"):
-        load_image_folder(tmp_path, labeled=False)
 
 
 def test_stratified_subset_is_stratified_seeded_and_in_range(fashion_mnist_dir: Path) -> None:

@@ -1,9 +1,10 @@
-"""Pretraining on Ray Train, with real workers on this machine and real Fashion-MNIST.
+"""Pretraining on Ray Train, with real workers on this machine and real Fashion-MNIST streamed
+from the dataset's shards through Ray Data.
 
-Two gloo workers must train exactly what one process trains on the same global batch; a
-worker killed mid-run is restarted from the latest checkpoint (locally and in S3 on
-SeaweedFS); a driver stopped mid-run is resumed by running the same command again; and
-there is one MLflow run per pretraining, each epoch logged once.
+Two gloo workers train on their dataset shards; a worker killed mid-run is restarted from the
+latest checkpoint (locally and in S3 on SeaweedFS) and ends where an uninterrupted run ends; a
+driver stopped mid-run is resumed by running the same command again; and there is one MLflow
+run per pretraining, each epoch logged once.
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from ssl_models import create_method
-from ssl_models.train import pretrain
 from tasks import tracking
 from tasks.config import PipelineConfig, load_config
-from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare
 from tasks.pretrain import (
     CHECKPOINT_FILE,
-    build_encoder,
     checkpoint_step,
     latest_checkpoint,
     pretrain_encoder,
@@ -56,19 +54,20 @@ def config(workspace: Path, *overrides: str) -> PipelineConfig:
     )
 
 
-def single_process_history(cfg: PipelineConfig, data: PreparedData) -> list[dict[str, float]]:
-    method = create_method(
-        cfg.pretrain.method, build_encoder(cfg, data.mean, data.std), cfg.pretrain.method_params
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster: str, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, float]]:
+    """The history of the slow tests' pretraining (4 epochs, a checkpoint every 2 steps) run without
+    interruption: what a run whose worker was killed must end with."""
+    cfg = config(
+        tmp_path_factory.mktemp("uninterrupted"), "pretrain.epochs=4", "pretrain.checkpoint_every_steps=2"
     )
-    images = load_dataset(data.unlabeled).images
-    return pretrain(method, images, cfg.augment.params(), cfg.pretrain.settings(cfg.seed)).history
+    return pretrain_encoder(cfg, ingest_and_prepare(cfg)).history
 
 
 def assert_same_losses(history: list[dict[str, float]], expected: list[dict[str, float]]) -> None:
-    """Equal up to float32 rounding in another order (DDP's bucketed all-reduce, one thread per
-    worker), which AdamW's early steps amplify to ~1e-4; a wrong batch, gather or BatchNorm
-    moves the loss by whole percents. ``tests/test_distributed.py`` checks the step exactly in
-    float64."""
+    """Equal up to float32 rounding in another order (DDP's bucketed all-reduce), which AdamW's
+    early steps amplify to ~1e-4; a wrong batch, view or restored state moves the loss by whole
+    percents. ``tests/test_train.py`` checks a resumed streamed run exactly, in one process."""
     assert [row["epoch"] for row in history] == [row["epoch"] for row in expected]
     for row, want in zip(history, expected, strict=True):
         assert row["loss"] == pytest.approx(want["loss"], rel=1e-3), row["epoch"]
@@ -120,16 +119,18 @@ class KillAWorkerAfterACheckpoint(threading.Thread):
             time.sleep(0.05)
 
 
-def test_two_workers_train_what_one_process_trains_and_log_one_mlflow_run(
+def test_two_workers_train_on_their_shards_and_log_one_mlflow_run(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path / "ws")
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data)
     out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
 
+    # 256 images over 2 workers, 32 each per step of the global batch of 64: 4 steps an epoch.
     assert out.steps == 8 and out.resumed_from_step == 0
-    assert_same_losses(out.history, single_process_history(cfg, data))
+    assert out.history[1]["loss"] < out.history[0]["loss"]
+    assert all(0 <= row["data_wait_share"] < 1 for row in out.history)
     client, only = only_run(cfg)
     assert only == run_id
     assert_each_epoch_logged_once(client, run_id, out.history)
@@ -148,10 +149,10 @@ def test_two_workers_train_what_one_process_trains_and_log_one_mlflow_run(
 
 @pytest.mark.slow
 def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
-    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
+    ray_cluster: str, uninterrupted: list[dict[str, float]], fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path / "ws", "pretrain.epochs=4", "pretrain.checkpoint_every_steps=2")
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data)
     killer = KillAWorkerAfterACheckpoint(cfg, data)
     killer.start()
@@ -166,7 +167,7 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
     # Resumed from the latest checkpoint when the worker died: at most one interval (2 steps) lost.
     assert out.resumed_from_step >= killer.killed_after_step > 0
     assert out.steps == 16
-    assert_same_losses(out.history, single_process_history(cfg, data))
+    assert_same_losses(out.history, uninterrupted)
     client, only = only_run(cfg)
     assert only == run_id and client.get_run(run_id).info.status == "FINISHED"
     assert_each_epoch_logged_once(client, run_id, out.history)
@@ -179,7 +180,7 @@ def test_a_stopped_driver_resumes_when_the_same_command_runs_again(
     workspace = tmp_path / "ws"
     sets = ["pretrain.epochs=6", "pretrain.checkpoint_every_steps=2"]
     cfg = config(workspace, *sets)
-    name = run_name(cfg, prepare_data(cfg))
+    name = run_name(cfg, ingest_and_prepare(cfg))
     overrides = [f"workspace={workspace}", "data.dvc.enabled=false", "data.unlabeled_limit=256"]
     overrides += ["pretrain.batch_size=64", "ray.num_workers=2", "ray.cpus_per_worker=1", *sets]
     command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
@@ -208,7 +209,12 @@ def test_a_stopped_driver_resumes_when_the_same_command_runs_again(
 
 @pytest.mark.slow
 def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
-    ray_cluster: str, s3_server, fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ray_cluster: str,
+    uninterrupted: list[dict[str, float]],
+    s3_server,
+    fashion_mnist_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -221,7 +227,7 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
         "ray.storage_path=s3://checkpoints/ray",
         f"ray.storage_endpoint_url={s3_server.endpoint_url}",
     )
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
 
     killer = KillAWorkerAfterACheckpoint(cfg, data)
     killer.start()
@@ -233,7 +239,7 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
     assert out.resumed_from_step >= killer.killed_after_step > 0 and out.steps == 16
     assert out.checkpoint_uri == f"s3://checkpoints/ray/{run_name(cfg, data)}/step-00000016"
     assert not (tmp_path / "ws" / "ray").exists()  # nothing of the run's state is local
-    assert_same_losses(out.history, single_process_history(cfg, data))
+    assert_same_losses(out.history, uninterrupted)
 
     # A new machine (empty workspace) running the same pretraining gets the result from S3.
     fresh = config(
@@ -248,7 +254,7 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
             )
         ],
     )
-    again = pretrain_encoder(fresh, prepare_data(fresh))
+    again = pretrain_encoder(fresh, ingest_and_prepare(fresh))
     assert again.steps == again.resumed_from_step == 16
     assert (
         torch.load(again.encoder_path, weights_only=True).keys()
@@ -294,4 +300,4 @@ def test_unreachable_checkpoint_storage_fails_naming_the_setting(
     with pytest.raises(
         ConnectionError, match=r"'s3://checkpoints/ray' \(ray.storage_path, ray.storage_endpoint_url\)"
     ):
-        pretrain_encoder(cfg, prepare_data(cfg))
+        pretrain_encoder(cfg, ingest_and_prepare(cfg))

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tasks import evaluate, plots, progress, tracking
 from tasks.config import PipelineConfig, load_config
-from tasks.data import PreparedData, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare
 from tasks.evaluate import eval_inputs, feature_cache_path, label_splits, run_trial, trial_specs
 from tasks.pretrain import build_encoder
 from tasks.sweep import run_sweep
@@ -48,7 +48,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
     cfg = config(tmp_path / "ws")
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
     reports: list[tuple[str, int, int]] = []
     with progress.listening(lambda *report: reports.append(report)):
@@ -136,7 +136,7 @@ def test_asha_stops_a_trial_with_a_bad_learning_rate_before_its_budget(
         "evaluate.asha.reports=4",
         "evaluate.max_concurrent_trials=1",  # the good trial reaches each rung first
     )
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
     output = run_sweep(cfg, data, encoder_file(cfg, data), tracking.trial_runs(cfg, run_id))
 
@@ -169,7 +169,7 @@ def test_features_are_cached_per_encoder_and_data_version_and_match_per_trial_ex
     fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     cfg = config(tmp_path / "ws")
-    data = prepare_data(cfg)
+    data = ingest_and_prepare(cfg)
     encoder = encoder_file(cfg, data)
     cached = eval_inputs(cfg, data, encoder)
     path = feature_cache_path(cfg, data, encoder)

@@ -1,7 +1,8 @@
-"""The data step: sources, limits, content hashes and errors that name the file."""
+"""The data step: sources, limits, content hashes, leaks of test images, errors that name the file."""
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,8 @@ from PIL import Image
 
 from ssl_models.data import DataError
 from tasks.config import load_config
-from tasks.data import PreparedData, load_dataset, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare, ingest_sources
+from tasks.shards import read_manifest
 from tests.conftest import REPO
 
 
@@ -25,6 +27,7 @@ def folder_config(tmp_path: Path, *extra: str):
         "smoke",
         [
             "data.source=folder",
+            "data.dvc.enabled=false",
             f"data.unlabeled_dir={tmp_path / 'unlabeled'}",
             f"data.labeled_dir={tmp_path / 'labeled'}",
             f"data.test_dir={tmp_path / 'test'}",
@@ -45,40 +48,64 @@ def folders(tmp_path: Path) -> Path:
     return tmp_path
 
 
-def test_folder_source_is_stored_under_content_hashes(folders: Path) -> None:
-    prepared = prepare_data(folder_config(folders))
+def test_folder_source_is_described_by_content_hashes(folders: Path) -> None:
+    cfg = folder_config(folders)
+    prepared = ingest_and_prepare(cfg)
     assert prepared.unlabeled.num_images == 6 and prepared.labeled.classes == ("boot", "shirt")
-    labeled = load_dataset(prepared.labeled)
-    assert labeled.labels is not None and labeled.labels.tolist() == [0, 0, 0, 1, 1, 1]
-    assert prepared.labeled.digest != prepared.test.digest
-    # The same content gives the same hash; one changed pixel gives another.
-    assert prepare_data(folder_config(folders)).digests() == prepared.digests()
+    assert prepared.test.classes == ("boot", "shirt") and prepared.labeled.digest != prepared.test.digest
+    # An unchanged source is not read again, and describes the same datasets.
+    assert ingest_sources(cfg) == {"unlabeled": None, "labeled": None, "test": None}
+    assert ingest_and_prepare(cfg) == prepared
+    # A changed image is a new image: a new version of that dataset only, the old images kept.
     save_png(folders / "unlabeled" / "u0.png", 11)
-    changed = prepare_data(folder_config(folders))
-    assert changed.unlabeled.digest != prepared.unlabeled.digest
+    changed = ingest_and_prepare(cfg)
+    assert changed.unlabeled.digest != prepared.unlabeled.digest and changed.unlabeled.num_images == 7
     assert changed.labeled.digest == prepared.labeled.digest
-    assert Path(prepared.unlabeled.path).exists()  # the previous version is kept
+    # The same images ingested elsewhere, in another order, have the same hashes.
+    other = folders / "elsewhere"
+    shutil.copytree(folders / "labeled", other / "labeled")
+    again = ingest_and_prepare(
+        folder_config(folders, f"workspace={other / 'ws'}", f"data.labeled_dir={other / 'labeled'}")
+    )
+    assert again.labeled.digest == prepared.labeled.digest
 
 
-def test_corrupt_image_stops_the_step_naming_it_or_is_listed(folders: Path) -> None:
+def test_corrupt_image_stops_the_step_naming_it_or_is_quarantined(folders: Path) -> None:
     bad = folders / "unlabeled" / "broken.png"
     bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     with pytest.raises(DataError, match=r"broken\.png: cannot decode image"):
-        prepare_data(folder_config(folders))
-    prepared = prepare_data(folder_config(folders, "data.skip_corrupt=true"))
-    assert prepared.unlabeled.num_images == 6
-    assert [Path(f).name for f, _ in prepared.unlabeled.skipped] == ["broken.png"]
+        ingest_and_prepare(folder_config(folders))
+    cfg = folder_config(folders, "data.skip_corrupt=true")
+    reports = ingest_sources(cfg)
+    assert reports["unlabeled"].added == 6
+    assert [Path(f).name for f, _ in reports["unlabeled"].quarantined] == ["broken.png"]
+    assert (cfg.workspace_path / "quarantine" / "unlabeled").is_dir()
 
 
-def test_test_classes_must_match_labeled_classes(folders: Path) -> None:
-    save_png(folders / "test" / "hat" / "0.png", 1)
-    with pytest.raises(DataError, match=r"classes \['boot', 'hat', 'shirt'\] differ"):
-        prepare_data(folder_config(folders))
+def test_test_classes_must_be_labeled_classes(folders: Path) -> None:
+    save_png(folders / "test" / "hat" / "0.png", 200)
+    with pytest.raises(
+        DataError, match=r"test class 'hat' is not one of the labeled classes \['boot', 'shirt'\]"
+    ):
+        ingest_and_prepare(folder_config(folders))
+
+
+def test_a_test_image_in_the_unlabeled_source_fails_the_step_naming_it(folders: Path) -> None:
+    planted = folders / "unlabeled" / "planted.png"
+    shutil.copy(folders / "test" / "shirt" / "1.png", planted)
+    with pytest.raises(DataError) as failure:
+        ingest_and_prepare(folder_config(folders))
+    message = str(failure.value)
+    assert "1 test images are also in the unlabeled set" in message
+    assert f"{folders / 'test' / 'shirt' / '1.png'} is {planted}" in message
+    assert "data.allow_test_overlap" in message
+    prepared = ingest_and_prepare(folder_config(folders, "data.allow_test_overlap=true"))
+    assert prepared.unlabeled.num_images == 7
 
 
 def test_fashion_mnist_limits_and_round_trip(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    cfg = load_config(REPO / "params.yaml", "smoke", [f"workspace={tmp_path}"])
-    prepared = prepare_data(cfg)
+    cfg = load_config(REPO / "params.yaml", "smoke", [f"workspace={tmp_path}", "data.dvc.enabled=false"])
+    prepared = ingest_and_prepare(cfg)
     assert (prepared.unlabeled.num_images, prepared.labeled.num_images, prepared.test.num_images) == (
         512,
         1000,
@@ -86,3 +113,24 @@ def test_fashion_mnist_limits_and_round_trip(tmp_path: Path, fashion_mnist_dir: 
     )
     assert 0.2 < prepared.mean < 0.4 and 0.25 < prepared.std < 0.45
     assert PreparedData.from_dict(json.loads(json.dumps(dataclasses.asdict(prepared)))) == prepared
+    # Each Fashion-MNIST image stored once per dataset, as a PNG of its pixels, in one shard.
+    assert prepared.unlabeled.shards == ("shards/00001-0000.parquet",)
+    sources = read_manifest(Path(prepared.labeled.path), ["source"]).column("source").to_pylist()
+    assert sources[0].endswith("train-images-idx3-ubyte.gz[0]")
+
+
+def test_a_folder_of_one_png_per_image_is_converted_to_shards_once(folders: Path) -> None:
+    cfg = folder_config(folders)
+    prepared = ingest_and_prepare(cfg)
+    legacy = folders / "legacy"  # the layout before shards: <id>.png, <class>/<id>.png
+    for name in ("unlabeled", "labeled"):
+        shutil.copytree(folders / name, legacy / name)
+        for i, png in enumerate(sorted((legacy / name).rglob("*.png"))):
+            png.rename(png.with_name(f"{i:032x}.png"))
+    converted = folder_config(folders, f"workspace={legacy}")
+    shutil.copytree(legacy / "unlabeled", converted.workspace_path / "data" / "unlabeled")
+    shutil.copytree(legacy / "labeled", converted.workspace_path / "data" / "labeled")
+    result = ingest_and_prepare(converted)
+    assert result.digests() == prepared.digests()  # the same images: the PNGs' bytes, unchanged
+    assert not list((converted.workspace_path / "data" / "unlabeled").glob("*.png"))
+    assert not list((converted.workspace_path / "data").glob(".*"))  # nothing left aside

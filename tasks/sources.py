@@ -1,0 +1,199 @@
+"""Where images come from, listed lazily: a folder, an S3 prefix, a label table, or an IDX file.
+
+A source is an iterator of ``SourceItem``: a name (a path, ``s3://bucket/key``, ``file[i]``), a
+label, the size and a stamp from the listing. Nothing here reads an image's bytes (except IDX,
+whose images are in one file): the ingest's workers do, in parallel. Listing holds one directory's
+names (or one S3 page, or one table batch) at a time, so a source of any size lists in bounded
+memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pyarrow.parquet as pq
+
+from ssl_models.data import FASHION_MNIST_CLASSES, IMAGE_SUFFIXES, DataError, read_idx
+
+Kind = Literal["unlabeled", "labeled"]
+TABLE_SUFFIXES = (".csv", ".parquet")
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    name: str  # a local path, s3://bucket/key, or images-file[index]
+    label: str | None
+    size: int = 0  # bytes, as listed (0: unknown)
+    stamp: str = ""  # what changes when the image changes: size and mtime, an ETag, an IDX file's stat
+    pixels: np.ndarray | None = None  # IDX only: the image itself (H, W) uint8
+
+    def read(self, s3_client: object | None = None) -> bytes:
+        """The image's bytes as stored at the source (an IDX image is encoded as PNG)."""
+        if self.pixels is not None:
+            from PIL import Image
+
+            buffer = io.BytesIO()
+            Image.fromarray(self.pixels).save(buffer, format="PNG")
+            return buffer.getvalue()
+        if self.name.startswith("s3://"):
+            from tasks.s3 import download
+
+            return download(self.name, s3_client)
+        return Path(self.name).read_bytes()
+
+
+def class_folder(name: str) -> str:
+    """A class name as one folder name: Fashion-MNIST's "T-shirt/top" becomes "T-shirt_top"."""
+    return name.replace("/", "_").replace("\\", "_").lstrip(".") or "_"
+
+
+def _is_image(name: str) -> bool:
+    return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
+
+
+def _walk(folder: str) -> Iterator[os.DirEntry[str]]:
+    """Image files below ``folder`` in sorted order, one directory's entries in memory at a time."""
+    with os.scandir(folder) as entries:
+        ordered = sorted(entries, key=lambda e: e.name)
+    for entry in ordered:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _walk(entry.path)
+        elif entry.is_file() and _is_image(entry.name):
+            yield entry
+
+
+def folder_items(root: Path, kind: Kind) -> Iterator[SourceItem]:
+    """Every image file below ``root``; for ``labeled``, the class is the first sub-folder."""
+    if not root.is_dir():
+        raise DataError(f"{root}: not a folder")
+    found = False
+    for entry in _walk(str(root)):
+        relative = Path(entry.path).relative_to(root)
+        if kind == "labeled" and len(relative.parts) < 2:
+            raise DataError(f"{entry.path}: a labeled folder holds images in one sub-folder per class")
+        stat = entry.stat()
+        label = relative.parts[0] if kind == "labeled" else None
+        yield SourceItem(entry.path, label, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}")
+        found = True
+    if not found:
+        raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+
+
+def idx_items(
+    images_path: Path, labels_path: Path | None, classes: tuple[str, ...] = FASHION_MNIST_CLASSES
+) -> Iterator[SourceItem]:
+    """Images of an IDX file, with class names from an IDX labels file when given."""
+    images = read_idx(images_path)
+    if images.ndim != 3:
+        raise DataError(f"{images_path}: expected images of shape (N, H, W), got {images.shape}")
+    labels: list[str | None] = [None] * len(images)
+    if labels_path is not None:
+        raw = read_idx(labels_path)
+        if raw.ndim != 1:
+            raise DataError(f"{labels_path}: expected labels of shape (N,), got {raw.shape}")
+        if len(raw) != len(images):
+            raise DataError(f"{labels_path}: {len(raw)} labels for {len(images)} images in {images_path}")
+        if len(raw) and raw.max() >= len(classes):
+            raise DataError(f"{labels_path}: label {raw.max()} outside 0-{len(classes) - 1}")
+        labels = [class_folder(classes[i]) for i in raw]
+    stat = images_path.stat()
+    stamp = f"{stat.st_size}:{stat.st_mtime_ns}"
+    size = images.shape[1] * images.shape[2]
+    for i, label in enumerate(labels):
+        yield SourceItem(f"{images_path}[{i}]", label, size, f"{stamp}:{i}", images[i])
+
+
+def _table_batches(table: Path) -> Iterator[pa.RecordBatch]:
+    try:
+        if table.suffix.lower() == ".parquet":
+            yield from pq.ParquetFile(table).iter_batches(batch_size=10_000)
+        else:
+            yield from pacsv.open_csv(table, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    except (OSError, pa.ArrowInvalid) as e:
+        raise DataError(f"{table}: cannot read the label table ({e})") from e
+
+
+def _inside(location: str, root: str) -> bool:
+    if root.startswith("s3://"):
+        base = root.rstrip("/") + "/"
+        return location.startswith(base) and "/../" not in location and not location.endswith("/..")
+    return os.path.commonpath([os.path.realpath(location), os.path.realpath(root)]) == os.path.realpath(root)
+
+
+def table_items(table: Path, kind: Kind, root: str | None = None) -> Iterator[SourceItem]:
+    """Rows of a CSV or Parquet table with a ``path`` column (relative to ``root``, or an absolute
+    path or ``s3://`` URI under it) and, for labeled data, a ``label`` column.
+
+    ``root`` defaults to the table's folder. A row that points outside it is refused, naming the row.
+    """
+    root = root or str(table.parent)
+    row = 0
+    for batch in _table_batches(table):
+        names = batch.schema.names
+        if "path" not in names or (kind == "labeled" and "label" not in names):
+            wanted = "path and label" if kind == "labeled" else "path"
+            raise DataError(f"{table}: a label table needs the columns {wanted}; it has {names}")
+        paths = batch.column("path").to_pylist()
+        labels = batch.column("label").to_pylist() if "label" in names else [None] * len(paths)
+        for path, label in zip(paths, labels, strict=True):
+            row += 1
+            if not path:
+                raise DataError(f"{table}: row {row}: empty path")
+            if kind == "labeled" and (label is None or str(label) == ""):
+                raise DataError(f"{table}: row {row}: no label for {path}")
+            location = str(path) if "://" in str(path) or os.path.isabs(path) else os.path.join(root, path)
+            if "://" in location and not location.startswith("s3://"):
+                raise DataError(f"{table}: row {row}: {path!r}: only local paths and s3:// URIs are read")
+            if not _inside(location, root):
+                raise DataError(f"{table}: row {row}: {path!r} points outside the source root {root}")
+            stamp = ""
+            size = 0
+            if not location.startswith("s3://"):
+                try:
+                    stat = os.stat(location)
+                except OSError as e:
+                    raise DataError(f"{table}: row {row}: {path!r}: {e.strerror}") from None
+                size, stamp = stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}"
+            yield SourceItem(location, None if label is None else str(label), size, stamp)
+    if row == 0:
+        raise DataError(f"{table}: the label table has no rows")
+
+
+def source_items(location: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[SourceItem]:
+    """The images at ``location``: ``s3://bucket/prefix``, a .csv/.parquet label table, or a folder."""
+    if location.startswith("s3://"):
+        from tasks.s3 import s3_items
+
+        return s3_items(location, kind, endpoint_url)
+    path = Path(location)
+    if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
+        return table_items(path, kind)
+    return folder_items(path, kind)
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """A pass over a source's listing: what it holds, without reading an image."""
+
+    fingerprint: str  # changes when any name, label, size or stamp does
+    count: int
+    bytes: int
+
+
+def list_source(items: Iterator[SourceItem]) -> SourceListing:
+    h = hashlib.sha256()
+    count = size = 0
+    for item in items:
+        h.update(f"{item.name}\0{item.label}\0{item.size}\0{item.stamp}\n".encode())
+        count += 1
+        size += item.size
+    return SourceListing(h.hexdigest(), count, size)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import PipelineConfig
-from tasks.data import PreparedData, prepare_data
+from tasks.data import PreparedData, ingest_and_prepare, prepare_data
 from tasks.pretrain import PretrainOutput, pretrain_encoder
 from tasks.sweep import run_sweep
 from tasks.versioning import recorded_versions
@@ -37,8 +37,10 @@ def run_stage(stage: str, cfg: PipelineConfig) -> Path:
     """Run one stage and write its manifest; returns the manifest's path."""
     if stage == "prepare":
         # `dvc repro` holds the repository's lock: read the versions the .dvc files record
-        # (`ssl-pipeline data ingest` or a flow run made them) instead of running DVC again.
-        payload: Any = asdict(prepare_data(cfg, recorded_versions(cfg)))
+        # (`ssl-pipeline data ingest` or a flow run made them) instead of running DVC again;
+        # with none recorded, ingest the configured sources into the folders (not versioned).
+        versions = recorded_versions(cfg)
+        payload: Any = asdict(prepare_data(cfg, versions) if versions else ingest_and_prepare(cfg))
     elif stage == "pretrain":
         payload = asdict(pretrain_encoder(cfg, PreparedData.from_dict(_read(cfg, "prepare"))))
     elif stage == "sweep":

@@ -268,7 +268,6 @@ class EvaluateConfig(_Section):
     max_concurrent_trials: Annotated[int, Field(gt=0)] | None = None  # None: as the resources allow
     cpus_per_trial: Annotated[float, Field(gt=0)] = 1.0
     gpus_per_trial: Annotated[float, Field(ge=0)] = 0.0
-    feature_cache: bool = True
 
     @model_validator(mode="after")
     def _primary_evaluated(self) -> EvaluateConfig:

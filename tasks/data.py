@@ -25,16 +25,14 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.compute as pc
-
 from ssl_models.data import DataError
 from tasks.config import PipelineConfig
 from tasks.ingest import ImageRules, IngestLimits, IngestReport, ingest
-from tasks.shards import ID_BYTES, KnownImages, is_dataset, manifest_parts, read_manifest, summarize
+from tasks.shards import KnownImages, is_dataset, manifest_parts, summarize
 from tasks.sources import Kind, SourceItem, idx_items, list_source, source_items
 
 DATASETS = ("unlabeled", "labeled", "test")
+TRAINING_SETS = ("unlabeled", "labeled")
 logger = logging.getLogger(__name__)
 
 
@@ -154,21 +152,22 @@ def _ingest_state(cfg: PipelineConfig, name: str) -> Path:
 
 
 def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport | None]:
-    """Add the configured sources' new images to the dataset folders, then check for a test-set leak.
+    """Add the configured sources' new images to the dataset folders; fail on a test-set leak.
 
-    A dataset whose source is unchanged since its last ingest is not read again (its report is None).
+    A dataset whose source is unchanged since its last ingest is not read again (its report is
+    None). The test set is ingested first, so that a test image in a training source is refused
+    before it is stored (unless ``data.allow_test_overlap``).
     """
     reports: dict[str, IngestReport | None] = {}
-    root = data_root(cfg)
-    for name, relative in dataset_folders(cfg).items():
-        folder = root / relative
+    folders = {name: data_root(cfg) / relative for name, relative in dataset_folders(cfg).items()}
+    for name in ("test", "unlabeled", "labeled"):
+        folder = folders[name]
         convert_legacy_folder(folder, _kind(name), _rules(cfg), _limits(cfg))
         description, items = source_of(cfg, name)
         listing = list_source(items())
         state = _ingest_state(cfg, name)
-        if state.exists() and json.loads(state.read_text()).get("key") == _ingest_key(
-            cfg, listing.fingerprint, folder
-        ):
+        key = _ingest_key(cfg, listing.fingerprint, folder)
+        if state.exists() and json.loads(state.read_text()).get("key") == key:
             reports[name] = None
             continue
         reports[name] = ingest(
@@ -183,14 +182,18 @@ def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport | None]:
             limits=_limits(cfg),
             expected_bytes=listing.bytes,
             s3_endpoint=cfg.data.source_endpoint_url,
+            forbidden={} if cfg.data.allow_test_overlap else _other_side(name, folders),
         )
         state.parent.mkdir(parents=True, exist_ok=True)
         state.write_text(json.dumps({"key": _ingest_key(cfg, listing.fingerprint, folder)}) + "\n")
-    check_test_overlap(
-        {name: root / relative for name, relative in dataset_folders(cfg).items()},
-        cfg.data.allow_test_overlap,
-    )
-    return reports
+    check_test_overlap(folders, cfg.data.allow_test_overlap)
+    return {name: reports[name] for name in DATASETS}
+
+
+def _other_side(name: str, folders: dict[str, Path]) -> dict[str, KnownImages]:
+    """The datasets ``name`` must share no image with: the training sets for the test set, and back."""
+    others = list(TRAINING_SETS) if name == "test" else ["test"]
+    return {other: KnownImages.of(folders[other]) for other in others if is_dataset(folders[other])}
 
 
 @dataclass(frozen=True)
@@ -209,25 +212,12 @@ def overlaps(folders: dict[str, Path]) -> list[Overlap]:
     for i, first in enumerate(names):
         for second in names[i + 1 :]:
             shared = known[first].overlap(known[second])
-            if len(shared):
-                examples = tuple(
-                    zip(
-                        _sources(folders[first], shared[:3]),
-                        _sources(folders[second], shared[:3]),
-                        strict=True,
-                    )
+            if shared:
+                examples = zip(
+                    known[first].sources(shared[:3]), known[second].sources(shared[:3]), strict=True
                 )
-                found.append(Overlap(first, second, len(shared), examples))
+                found.append(Overlap(first, second, len(shared), tuple(examples)))
     return found
-
-
-def _sources(folder: Path, ids: Any) -> list[str]:
-    """The sources of the images ``ids`` (numpy S32, which drops trailing zero bytes), in that order."""
-    wanted = [bytes(i).ljust(ID_BYTES, b"\0") for i in ids]
-    table = read_manifest(folder, ["id", "source"])
-    table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(wanted, pa.binary(ID_BYTES))))
-    by_id = dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
-    return [by_id[i] for i in wanted]
 
 
 def check_test_overlap(folders: dict[str, Path], allow: bool) -> list[Overlap]:

@@ -11,8 +11,8 @@ config once, in process.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,14 @@ from ssl_models.data import stratified_subset
 from ssl_models.evaluate import (
     accuracy,
     classify,
-    extract_features,
     finetune,
     knn_predict,
     linear_probe,
 )
+from tasks import streaming
 from tasks.config import FinetuneConfig, LinearProbeConfig, PipelineConfig
 from tasks.data import PreparedData
 from tasks.pretrain import build_encoder
-from tasks.streaming import read_images
 
 PROTOCOLS = ("knn", "linear", "finetune", "supervised")
 FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache serves them
@@ -102,25 +101,38 @@ class Features:
     test: torch.Tensor
 
 
+TestBatches = Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]
+
+
 @dataclass(frozen=True)
 class EvalInputs:
-    """What every trial reads; built once by the driver (Ray ships it to trials once)."""
+    """What every trial reads; built once by the driver (Ray ships it to trials once).
 
-    labeled_images: torch.Tensor
-    labeled_labels: torch.Tensor
-    test_images: torch.Tensor
-    test_labels: torch.Tensor
+    No whole dataset is here: the labels of the labeled set, the frozen features of the labeled and
+    test sets, the images of the labeled splits the trials train and validate on (``held``: as
+    many as the label budget and the validation split), and the test set as batches to stream.
+    """
+
+    labels: torch.Tensor  # class index of every labeled image, in the dataset's order
     classes: tuple[str, ...]
     validation: torch.Tensor  # indices into the labeled set
     splits: dict[float, torch.Tensor]  # label fraction -> indices into the labeled set
+    held: torch.Tensor  # sorted indices of the labeled images held in ``held_images``
+    held_images: torch.Tensor  # uint8 (len(held), C, H, W)
+    test_labels: torch.Tensor
+    test_batches: TestBatches  # (images, labels) of the test set, in the order of ``test_labels``
+    features: Features
     encoder_state: dict[str, torch.Tensor]
     mean: float
     std: float
-    features: Features | None = None  # the cache; None: each frozen trial extracts its own
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def images(self, indices: torch.Tensor) -> torch.Tensor:
+        """The held images of labeled-set ``indices`` (in the validation split or a fine-tuning split)."""
+        return self.held_images[torch.searchsorted(self.held, indices)]
 
 
 def label_splits(
@@ -150,16 +162,18 @@ def feature_cache_path(cfg: PipelineConfig, data: PreparedData, encoder_path: st
 
 
 def cached_features(
-    cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path, inputs: EvalInputs
+    cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path, encoder: Encoder
 ) -> Features:
-    """The frozen features of the labeled and test sets: computed once, then read from disk."""
+    """The frozen features of the labeled and test sets: computed once by a pass of Ray Data over
+    each (``tasks.streaming.features``), then read from disk."""
     path = feature_cache_path(cfg, data, encoder_path)
     if path.exists():
         saved = torch.load(path, map_location="cpu", weights_only=True)
         return Features(saved["labeled"], saved["test"])
-    encoder = trial_encoder(cfg, inputs, pretrained=True)
+    use_gpu = cfg.evaluate.gpus_per_trial > 0
     features = Features(
-        extract_features(encoder, inputs.labeled_images), extract_features(encoder, inputs.test_images)
+        streaming.features(cfg, data.labeled, encoder, use_gpu),
+        streaming.features(cfg, data.test, encoder, use_gpu),
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_suffix(".partial")
@@ -169,27 +183,33 @@ def cached_features(
 
 
 def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path) -> EvalInputs:
-    labeled, test = read_images(cfg, data.labeled), read_images(cfg, data.test)
-    assert labeled.labels is not None and test.labels is not None
     ev = cfg.evaluate
+    ids, labels = streaming.ids_and_labels(cfg, data.labeled)
     fractions = [*ev.label_fractions, *ev.finetune_fractions]
-    validation, splits = label_splits(labeled.labels, fractions, ev.validation_size, cfg.seed)
+    validation, splits = label_splits(labels, fractions, ev.validation_size, cfg.seed)
+    held = torch.cat([validation, *(splits[f] for f in ev.finetune_fractions)]).unique()  # sorted
+    held_images = streaming.read_images(
+        cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
+    ).images
+    _, test_labels = streaming.ids_and_labels(cfg, data.test)
+    test = streaming.image_dataset(cfg, data.test, labeled=True)
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)
-    inputs = EvalInputs(
-        labeled.images,
-        labeled.labels,
-        test.images,
-        test.labels,
-        tuple(data.labeled.classes),
-        validation,
-        splits,
-        state,
-        data.mean,
-        data.std,
+    encoder = build_encoder(cfg, data.mean, data.std)
+    encoder.load_state_dict(state)
+    return EvalInputs(
+        labels=labels,
+        classes=tuple(data.labeled.classes),
+        validation=validation,
+        splits=splits,
+        held=held,
+        held_images=held_images,
+        test_labels=test_labels,
+        test_batches=streaming.LabeledBatches(test),
+        features=cached_features(cfg, data, encoder_path, encoder),
+        encoder_state=state,
+        mean=data.mean,
+        std=data.std,
     )
-    if not ev.feature_cache:
-        return inputs
-    return replace(inputs, features=cached_features(cfg, data, encoder_path, inputs))
 
 
 def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, pretrained: bool) -> Encoder:
@@ -197,6 +217,11 @@ def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, pretrained: bool) -> 
     if pretrained:
         encoder.load_state_dict(inputs.encoder_state)
     return encoder
+
+
+def classify_test_set(model: nn.Module, inputs: EvalInputs) -> torch.Tensor:
+    """Predictions for the test set, a batch at a time as it streams."""
+    return torch.cat([classify(model, images) for images, _ in inputs.test_batches()])
 
 
 @dataclass(frozen=True)
@@ -208,22 +233,6 @@ class TrialOutcome:
     reports: int  # validation reports made, the last one included
 
 
-def _frozen_features(
-    cfg: PipelineConfig, inputs: EvalInputs, train_idx: torch.Tensor, device: str
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(train, validation, test) features: from the cache, or extracted for this trial only."""
-    if inputs.features is not None:
-        labeled = inputs.features.labeled
-        return labeled[train_idx], labeled[inputs.validation], inputs.features.test
-    encoder = trial_encoder(cfg, inputs, pretrained=True).to(device)
-    images = inputs.labeled_images
-    return (
-        extract_features(encoder, images[train_idx]),
-        extract_features(encoder, images[inputs.validation]),
-        extract_features(encoder, inputs.test_images),
-    )
-
-
 def run_trial(
     cfg: PipelineConfig,
     spec: TrialSpec,
@@ -233,14 +242,14 @@ def run_trial(
 ) -> TrialOutcome:
     """Train and evaluate one trial; ``report`` gets the validation accuracy ``reports`` times.
 
-    The last report (progress 1.0) also holds the test accuracy. ``device`` runs the encoder
-    (fine-tuning, or features the cache does not hold); heads on features stay on the CPU.
+    The last report (progress 1.0) also holds the test accuracy. ``device`` runs the fine-tuned
+    model; heads on the cached features stay on the CPU.
     """
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
     idx = inputs.splits[spec.label_fraction]
-    y = inputs.labeled_labels[idx]
-    val_y, test_y = inputs.labeled_labels[inputs.validation], inputs.test_labels
+    y = inputs.labels[idx]
+    val_y, test_y = inputs.labels[inputs.validation], inputs.test_labels
     total_reports = 1 if spec.protocol == "knn" else cfg.evaluate.asha.reports
     reports = 0
 
@@ -252,7 +261,8 @@ def run_trial(
 
     classifier_state = None
     if spec.protocol in FROZEN:
-        train_x, val_x, test_x = _frozen_features(cfg, inputs, idx, device)
+        labeled = inputs.features.labeled
+        train_x, val_x, test_x = labeled[idx], labeled[inputs.validation], inputs.features.test
         if spec.protocol == "knn":
             k, temperature = spec.params["k"], spec.params["temperature"]
 
@@ -281,14 +291,14 @@ def run_trial(
     else:
         ft = FinetuneConfig.model_validate(spec.params)
         steps = ft.steps
-        val_images = inputs.labeled_images[inputs.validation]
+        val_images = inputs.images(inputs.validation)
 
         def eval_model(step: int, model: nn.Sequential) -> None:
             send(step, steps, accuracy(classify(model, val_images), val_y))
 
         model = finetune(
             trial_encoder(cfg, inputs, pretrained=spec.protocol == "finetune"),
-            inputs.labeled_images[idx],
+            inputs.images(idx),
             y,
             inputs.num_classes,
             ft.augment.params(),
@@ -299,7 +309,7 @@ def run_trial(
             eval_every=_eval_every(steps, total_reports),
         )
         val_accuracy = accuracy(classify(model, val_images), val_y)
-        test_predictions = classify(model, inputs.test_images)
+        test_predictions = classify_test_set(model, inputs)
         classifier_state = {k: v.cpu() for k, v in model.state_dict().items()}
     test_accuracy = accuracy(test_predictions, test_y)
     send(steps, steps, val_accuracy, {"test_accuracy": test_accuracy})

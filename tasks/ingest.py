@@ -189,11 +189,14 @@ def ingest(
     limits: IngestLimits = IngestLimits(),
     expected_bytes: int = 0,
     s3_endpoint: str | None = None,
+    forbidden: dict[str, KnownImages] | None = None,
 ) -> IngestReport:
     """Validate ``items`` and add the new, good ones to the dataset folder ``dest`` as new shards.
 
     ``expected_bytes`` (the source's size, from its listing) sets how many shards the images are
-    spread over, so that each holds about ``limits.shard_mb``.
+    spread over, so that each holds about ``limits.shard_mb``. An image that one of the
+    ``forbidden`` datasets (name -> its images) holds fails the ingest: a test image must not
+    become a training image, nor the reverse.
     """
     start = time.perf_counter()
     dest = Path(dest)
@@ -250,6 +253,13 @@ def ingest(
                     )
                 report.already_present += 1
                 continue
+            for other, images in (forbidden or {}).items():
+                if images.label_of(record.id)[0]:
+                    (where,) = images.sources([record.id])
+                    raise DataError(
+                        f"{item.name}: the same image is in the {other} set ({where}); test images must not"
+                        " be training images: remove it from the source, or set data.allow_test_overlap: true"
+                    )
             seen[record.id] = item.label
             writer.add(record)
         report.added = len(writer)

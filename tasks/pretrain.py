@@ -315,7 +315,7 @@ def pretrain_encoder(
 def check_cpus_for_streaming(cfg: PipelineConfig, data: PreparedData) -> None:
     """A streamed (not materialised) dataset decodes while the workers train: it needs a CPU they
     do not hold, or Ray Data waits for one for ever."""
-    if streaming.fits_in_object_store(cfg, data.unlabeled):
+    if streaming.fits_in_object_store(cfg, data.unlabeled.num_images):
         return
     cpus = ray.cluster_resources().get("CPU", 0)
     held = cfg.ray.num_workers * cfg.ray.cpus_per_worker

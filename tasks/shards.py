@@ -24,13 +24,13 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 FORMAT = "ssl-pipeline-shards/1"
@@ -115,7 +115,10 @@ def next_ingest_no(folder: Path) -> int:
 
 
 def remove_uncommitted(folder: Path) -> list[str]:
-    """Delete shards no manifest part names (an ingest that stopped before its commit); their names."""
+    """Delete what an ingest that stopped before its commit left: its staging folder, and shards no
+    manifest part names; the shards' names."""
+    for staging in folder.parent.glob(f".{folder.name}.ingest-*"):
+        shutil.rmtree(staging, ignore_errors=True)
     shard_dir = folder / "shards"
     if not shard_dir.is_dir():
         return []
@@ -134,6 +137,7 @@ class KnownImages:
 
     ids: np.ndarray  # dtype S32, sorted
     labels: np.ndarray  # object: str or None, aligned with ids
+    folder: Path | None = None
 
     @classmethod
     def of(cls, folder: Path) -> KnownImages:
@@ -141,7 +145,7 @@ class KnownImages:
         ids = np.array(table.column("id").to_pylist(), dtype=f"S{ID_BYTES}")
         order = np.argsort(ids, kind="stable")
         labels = np.array(table.column("label").to_pylist(), dtype=object)
-        return cls(ids[order], labels[order])
+        return cls(ids[order], labels[order], folder)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -154,9 +158,18 @@ class KnownImages:
             return True, self.labels[i]
         return False, None
 
-    def overlap(self, other: KnownImages) -> np.ndarray:
+    def overlap(self, other: KnownImages) -> list[bytes]:
         """The ids both hold."""
-        return np.intersect1d(self.ids, other.ids, assume_unique=True)
+        shared = np.intersect1d(self.ids, other.ids, assume_unique=True)
+        return [bytes(i).ljust(ID_BYTES, b"\0") for i in shared]
+
+    def sources(self, ids: list[bytes]) -> list[str]:
+        """Where the images ``ids`` came from (their manifest rows' ``source``), in that order."""
+        assert self.folder is not None
+        table = read_manifest(self.folder, ["id", "source"])
+        table = table.filter(pc.is_in(table.column("id"), value_set=pa.array(ids, pa.binary(ID_BYTES))))
+        by_id = dict(zip(table.column("id").to_pylist(), table.column("source").to_pylist(), strict=True))
+        return [by_id[i] for i in ids]
 
 
 class ShardWriter:
@@ -304,10 +317,3 @@ def summarize(folder: Path) -> DatasetSummary:
     shards = tuple(sorted(set(table.column("shard").to_pylist())))
     size = int(pa.compute.sum(table.column("size")).as_py())
     return DatasetSummary(str(folder), mode, table.num_rows, classes, h.hexdigest(), mean, std, shards, size)
-
-
-def read_labels(folder: Path, classes: Iterable[str]) -> np.ndarray:
-    """Class indices of the folder's images in manifest order (the order a shard scan yields them
-    is not this one: match on ``id`` where order matters)."""
-    index = {c: i for i, c in enumerate(classes)}
-    return np.array([index[label] for label in read_manifest(folder, ["label"]).column("label").to_pylist()])

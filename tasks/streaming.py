@@ -4,10 +4,13 @@ resized to the training resolution in Ray Data tasks, streamed or kept materiali
 ``image_dataset`` reads a version's shards (local, or ``s3://`` through the DVC remote) with
 ``read_parquet``, decodes and resizes in ``map_batches`` tasks (a cluster's CPU nodes run them),
 and, when the decoded set fits in half the object store (``data.streaming.materialize: auto``),
-decodes it once and keeps the blocks there. Nothing passes through the driver: it holds block
-references only. Order is preserved (``preserve_order``), so a dataset's rows, and the split of
-them over Ray Train workers, are the same in every epoch and every run; each epoch's order is a
-local shuffle seeded by (seed, epoch) (``StreamedBatches``).
+decodes it once and keeps the blocks there. The driver holds block references, not images. Order
+is preserved (``preserve_order``), so a dataset's rows, and the split of them over Ray Train
+workers, are the same in every epoch and every run; each epoch's order is a local shuffle seeded
+by (seed, epoch) (``StreamedBatches``).
+
+What comes back to the driver is small: ids and labels (``ids_and_labels``), frozen features
+(``features``), or a bounded subset of images (``read_images`` with ``only``).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 from PIL import Image
 from ray.data import DataContext, ExecutionOptions
 
+from ssl_models.augment import to_float
 from ssl_models.data import DataError, ImageSet
 from tasks.cluster import connect
 from tasks.config import PipelineConfig
@@ -37,29 +41,35 @@ DECODE_BATCH = 256
 
 
 def decode_images(
-    batch: dict[str, Any], mode: str, size: int, classes: tuple[str, ...]
+    batch: dict[str, Any],
+    mode: str,
+    size: int,
+    classes: tuple[str, ...],
+    only: frozenset[bytes] | None = None,
 ) -> dict[str, np.ndarray]:
-    """A batch of shard rows to uint8 images (B, size, size, C) and, with ``classes``, class indices.
+    """A batch of shard rows to uint8 images (B, size, size, C) and, with ``classes``, class indices;
+    with ``only``, just the rows whose id it holds.
 
     JPEGs decode at the smallest scale at least ``size`` (``Image.draft``), then every image is
     resized (bilinear) to ``size`` x ``size``, as the served model does.
     """
+    rows = [i for i in range(len(batch["image"])) if only is None or bytes(batch["id"][i]) in only]
     channels = 1 if mode == "L" else 3
-    images = np.empty((len(batch["image"]), size, size, channels), dtype=np.uint8)
-    for i, data in enumerate(batch["image"]):
+    images = np.empty((len(rows), size, size, channels), dtype=np.uint8)
+    for out, i in enumerate(rows):
         try:
-            with Image.open(io.BytesIO(data)) as file:
+            with Image.open(io.BytesIO(batch["image"][i])) as file:
                 file.draft(mode, (size, size))
                 img = file.convert(mode)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
         except (OSError, ValueError, SyntaxError) as e:
             raise DataError(f"image {bytes(batch['id'][i]).hex()}: cannot decode ({e})") from e
-        images[i] = np.asarray(img).reshape(size, size, channels)
+        images[out] = np.asarray(img).reshape(size, size, channels)
     decoded = {"image": images}
     if classes:
         index = {name: i for i, name in enumerate(classes)}
-        decoded["label"] = np.array([index[label] for label in batch["label"]], dtype=np.int64)
+        decoded["label"] = np.array([index[batch["label"][i]] for i in rows], dtype=np.int64)
     return decoded
 
 
@@ -73,41 +83,13 @@ def shard_locations(cfg: PipelineConfig, ref: DatasetRef) -> tuple[list[str], An
     return locations, None
 
 
-def decoded_bytes(cfg: PipelineConfig, ref: DatasetRef) -> int:
-    return ref.num_images * cfg.data.image_size**2 * cfg.data.channels
-
-
-def fits_in_object_store(cfg: PipelineConfig, ref: DatasetRef) -> bool:
+def fits_in_object_store(cfg: PipelineConfig, num_images: int) -> bool:
+    """Whether ``num_images`` decoded images are kept materialised (``data.streaming.materialize``)."""
     setting = cfg.data.streaming.materialize
     if setting != "auto":
         return setting == "always"
     capacity = ray.cluster_resources().get("object_store_memory", 0)
-    return decoded_bytes(cfg, ref) <= MATERIALIZE_SHARE * capacity
-
-
-def image_dataset(cfg: PipelineConfig, ref: DatasetRef, labeled: bool = False) -> ray.data.Dataset:
-    """The version's images (and class indices when ``labeled``) as a Ray Dataset, materialised
-    when it fits (see ``fits_in_object_store``); rows in a fixed order."""
-    paths, filesystem = shard_locations(cfg, ref)
-    columns = ["id", "image", *(["label"] if labeled else [])]
-    dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None).select_columns(
-        columns
-    )
-    quiet(dataset.context)
-    dataset.context.execution_options.preserve_order = True
-    mode = "L" if cfg.data.channels == 1 else "RGB"
-    decode = partial(
-        decode_images, mode=mode, size=cfg.data.image_size, classes=ref.classes if labeled else ()
-    )
-    dataset = dataset.map_batches(decode, batch_size=DECODE_BATCH, batch_format="numpy")
-    if fits_in_object_store(cfg, ref):
-        dataset = dataset.materialize()
-    return dataset
-
-
-def ingest_options() -> ExecutionOptions:
-    """Ray Train's options for the workers' dataset shards: rows in their fixed order."""
-    return ExecutionOptions(preserve_order=True)
+    return num_images * cfg.data.image_size**2 * cfg.data.channels <= MATERIALIZE_SHARE * capacity
 
 
 def quiet(context: DataContext | None = None) -> None:
@@ -116,6 +98,45 @@ def quiet(context: DataContext | None = None) -> None:
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+
+def _read(cfg: PipelineConfig, ref: DatasetRef, columns: list[str]) -> ray.data.Dataset:
+    paths, filesystem = shard_locations(cfg, ref)
+    context = DataContext.get_current()
+    quiet(context)
+    # Ray 2.60's Parquet datasource (V2) keeps only *.parquet files even when told not to filter
+    # (`file_extensions or PARQUET_FILE_EXTENSIONS`); the DVC remote's objects are named by their
+    # md5 alone, so those are read through the V1 datasource, which honours file_extensions=None.
+    v2 = context.use_datasource_v2
+    context.use_datasource_v2 = v2 and all(path.endswith(".parquet") for path in paths)
+    try:
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
+    finally:
+        context.use_datasource_v2 = v2
+    dataset = dataset.select_columns(columns)
+    quiet(dataset.context)
+    dataset.context.execution_options.preserve_order = True
+    return dataset
+
+
+def image_dataset(
+    cfg: PipelineConfig, ref: DatasetRef, labeled: bool = False, only: frozenset[bytes] | None = None
+) -> ray.data.Dataset:
+    """The version's images (and class indices when ``labeled``; with ``only``, just the images of
+    those ids) as a Ray Dataset, materialised when it fits; rows in the dataset's fixed order."""
+    dataset = _read(cfg, ref, ["id", "image", *(["label"] if labeled else [])])
+    mode = "L" if cfg.data.channels == 1 else "RGB"
+    classes = ref.classes if labeled else ()
+    decode = partial(decode_images, mode=mode, size=cfg.data.image_size, classes=classes, only=only)
+    dataset = dataset.map_batches(decode, batch_size=DECODE_BATCH, batch_format="numpy")
+    if fits_in_object_store(cfg, ref.num_images if only is None else len(only)):
+        dataset = dataset.materialize()
+    return dataset
+
+
+def ingest_options() -> ExecutionOptions:
+    """Ray Train's options for the workers' dataset shards: rows in their fixed order."""
+    return ExecutionOptions(preserve_order=True)
 
 
 def shuffle_rows(cfg: PipelineConfig, rows: int) -> int:
@@ -161,19 +182,72 @@ class StreamedBatches:
                 yield batch["image"].permute(0, 3, 1, 2)  # NHWC rows: a channels_last NCHW view
 
 
-def read_images(cfg: PipelineConfig, ref: DatasetRef) -> ImageSet:
-    """A dataset decoded by Ray Data tasks and gathered here as uint8 images (N, C, H, W), with
-    class indices for a labeled set, in the dataset's fixed order.
+@dataclass(frozen=True)
+class LabeledBatches:
+    """A labeled dataset's (uint8 images (B, C, H, W), class indices) batches as a function any
+    process can call: how sweep trials read the test set, streamed or from the object store."""
 
-    A whole dataset in one process: for benchmarks' in-process loops, and for the sweep, which does
-    not stream its labeled and test sets yet."""
+    dataset: Any  # ray.data.Dataset
+    batch_size: int = 1024
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for batch in self.dataset.iter_torch_batches(batch_size=self.batch_size, device="cpu"):
+            yield batch["image"].permute(0, 3, 1, 2), batch["label"]
+
+
+def ids_and_labels(cfg: PipelineConfig, ref: DatasetRef) -> tuple[list[bytes], torch.Tensor]:
+    """Every image's id and class index, in the dataset's order, read without touching an image."""
+    connect(cfg)
+    index = {name: i for i, name in enumerate(ref.classes)}
+    ids: list[bytes] = []
+    labels: list[int] = []
+    for batch in _read(cfg, ref, ["id", "label"]).iter_batches(batch_size=65536, batch_format="numpy"):
+        ids += [bytes(i) for i in batch["id"]]
+        labels += [index[label] for label in batch["label"]]
+    return ids, torch.tensor(labels, dtype=torch.int64)
+
+
+class _Encode:
+    """A Ray Data actor: the encoder's features of batches of decoded images."""
+
+    def __init__(self, encoder: torch.nn.Module, device: str) -> None:
+        self.encoder, self.device = encoder.to(device).eval(), device
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(batch["image"]).permute(0, 3, 1, 2)
+        with torch.no_grad():
+            features = self.encoder(to_float(images.to(self.device)))
+        return {"feature": features.cpu().numpy()}
+
+
+def features(
+    cfg: PipelineConfig, ref: DatasetRef, encoder: torch.nn.Module, use_gpu: bool = False
+) -> torch.Tensor:
+    """The frozen features (N, D) of every image, in the dataset's order: Ray Data tasks decode, an
+    actor runs the encoder, and only the features come back here."""
+    connect(cfg)
+    encoded = image_dataset(cfg, ref).map_batches(
+        _Encode,
+        fn_constructor_kwargs={"encoder": encoder, "device": "cuda" if use_gpu else "cpu"},
+        batch_size=1024,
+        batch_format="numpy",
+        concurrency=1,
+        num_gpus=1 if use_gpu else 0,
+    )
+    return torch.cat([torch.from_numpy(b["feature"].copy()) for b in encoded.iter_batches(batch_size=None)])
+
+
+def read_images(cfg: PipelineConfig, ref: DatasetRef, only: frozenset[bytes] | None = None) -> ImageSet:
+    """Images decoded by Ray Data tasks and gathered here as uint8 (N, C, H, W), with class indices
+    for a labeled set, in the dataset's fixed order: the images of the ids ``only`` (a bounded
+    subset: the sweep's labeled splits), or a whole dataset for benchmarks' in-process loops."""
     connect(cfg)
     labeled = bool(ref.classes)
     images, labels = [], []
-    for batch in image_dataset(cfg, ref, labeled).iter_batches(batch_size=4096, batch_format="numpy"):
-        images.append(torch.from_numpy(batch["image"]))
+    for batch in image_dataset(cfg, ref, labeled, only).iter_batches(batch_size=4096, batch_format="numpy"):
+        images.append(torch.from_numpy(batch["image"].copy()))
         if labeled:
-            labels.append(torch.from_numpy(batch["label"]))
+            labels.append(torch.from_numpy(batch["label"].copy()))
     return ImageSet(
         images=torch.cat(images).permute(0, 3, 1, 2).contiguous(),
         labels=torch.cat(labels) if labeled else None,

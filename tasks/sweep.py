@@ -6,8 +6,9 @@ best config (by validation accuracy) with the other seeds, to the full budget. A
 reports test accuracy as mean +- std over seeds. Trials declare their CPUs and GPUs; Tune runs
 as many at once as the cluster holds (or ``evaluate.max_concurrent_trials``).
 
-The data, the pretrained weights and the frozen features (the cache) travel to the trials once,
-through Ray's object store. MLflow child runs are opened and closed by the driver (one per
+What trials read (``tasks.evaluate.EvalInputs``: labels, the frozen features, the images of the
+labeled splits, the pretrained weights, and the test set as a Ray Dataset to stream) travels to
+them once, through Ray's object store. MLflow child runs are opened and closed by the driver (one per
 trial, from Tune's callbacks), so a trial stopped early or killed still ends its run.
 """
 
@@ -28,7 +29,6 @@ from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from ssl_models.evaluate import extract_features
 from tasks import progress
 from tasks.cluster import connect
 from tasks.config import PipelineConfig
@@ -43,7 +43,6 @@ from tasks.evaluate import (
     encoder_digest,
     eval_inputs,
     run_trial,
-    trial_encoder,
     trial_specs,
 )
 from tasks.pretrain import progress_logger, storage
@@ -376,12 +375,12 @@ def _save_best(cfg: PipelineConfig, inputs: EvalInputs, best: TrialRecord, folde
         state = torch.load(Path(trial_folder) / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
         predictions = torch.load(Path(trial_folder) / PREDICTIONS_FILE, map_location="cpu", weights_only=True)
     torch.save(state, folder / CLASSIFIER_FILE)
-    if inputs.features is not None:
-        test_features = inputs.features.test
-    else:
-        test_features = extract_features(trial_encoder(cfg, inputs, pretrained=True), inputs.test_images)
     torch.save(
-        {"test_labels": inputs.test_labels, "best_predictions": predictions, "test_features": test_features},
+        {
+            "test_labels": inputs.test_labels,
+            "best_predictions": predictions,
+            "test_features": inputs.features.test,
+        },
         folder / "figure_data.pt",
     )
     (folder / "label_splits.json").write_text(

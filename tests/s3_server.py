@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from types import TracebackType
 
@@ -30,7 +31,7 @@ HOST = "127.0.0.1"
 # and away from SeaweedFS's defaults (8333, 9333, ...), so a developer's own server is untouched.
 GRPC_OFFSET = 10000
 PORT_RANGE = (20000, 32767 - GRPC_OFFSET)
-COMPONENTS = ("master", "volume", "filer", "s3", "admin")
+COMPONENTS = ("master", "volume", "filer", "s3", "admin", "metrics")
 
 
 def find_weed() -> str:
@@ -111,8 +112,9 @@ class SeaweedS3:
         }
         config.write_text(json.dumps({"identities": [identity]}))
         config.chmod(0o600)
-        ports = [f"-{name}.port={port}" for name, port in self.ports.items()]
-        grpc = [f"-{name}.port.grpc={port + GRPC_OFFSET}" for name, port in self.ports.items()]
+        servers = {name: port for name, port in self.ports.items() if name != "metrics"}
+        ports = [f"-{name}.port={port}" for name, port in servers.items()]
+        grpc = [f"-{name}.port.grpc={port + GRPC_OFFSET}" for name, port in servers.items()]
         return [
             find_weed(),
             f"-logdir={self.log_dir}",  # a global flag: it must come before `mini`
@@ -129,6 +131,7 @@ class SeaweedS3:
             f"-s3.config={config}",
             f"-filer.localSocket={self.data_dir / 'filer.sock'}",
             f"-s3.localSocket={self.data_dir / 's3.sock'}",
+            f"-metricsPort={self.ports['metrics']}",
             *ports,
             *grpc,
         ]
@@ -198,6 +201,13 @@ class SeaweedS3:
         # weed puts its gRPC sockets in /tmp whatever TMPDIR says, and removes them only on a clean stop.
         for name, port in self.ports.items():
             Path(f"/tmp/seaweedfs-{name}-grpc-{port + GRPC_OFFSET}.sock").unlink(missing_ok=True)
+
+    def bytes_sent(self, bucket: str) -> int:
+        """Bytes the server has sent from ``bucket`` (objects read) since it started: Prometheus metrics."""
+        with urllib.request.urlopen(f"http://{HOST}:{self.ports['metrics']}/metrics", timeout=10) as response:
+            text = response.read().decode()
+        line = f'SeaweedFS_s3_bucket_traffic_sent_bytes_total{{bucket="{bucket}"}} '
+        return sum(int(float(row.removeprefix(line))) for row in text.splitlines() if row.startswith(line))
 
     @property
     def running(self) -> bool:

@@ -10,6 +10,7 @@ holds; Ray's checkpoints are in S3, written by a 2-worker run. About 5 minutes o
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import random
@@ -24,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
@@ -270,7 +272,16 @@ def test_lineage_points_at_the_dvc_hashes_in_s3(pipeline_run: PipelineRun) -> No
         listing = f"dvc/files/md5/{recorded[:2]}/{recorded[2:]}"
         assert listing in keys, split
         entries = json.loads(s3.get_object(Bucket=live.bucket, Key=listing)["Body"].read())
-        assert len(entries) == int(data["num_images"]), split
+        folder = pipeline_run.workspace / "dvc-repo" / "data" / split
+        assert {e["relpath"] for e in entries} == {
+            str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file()
+        }, split
+        manifest = next(e for e in entries if e["relpath"].startswith("manifest/"))
+        body = s3.get_object(
+            Bucket=live.bucket, Key=f"dvc/files/md5/{manifest['md5'][:2]}/{manifest['md5'][2:]}"
+        )
+        rows = pq.read_table(io.BytesIO(body["Body"].read())).num_rows
+        assert rows == int(data["num_images"]), split
         missing = [
             e["relpath"] for e in entries if f"dvc/files/md5/{e['md5'][:2]}/{e['md5'][2:]}" not in keys
         ]

@@ -49,7 +49,7 @@ def test_an_epoch_order_is_fixed_by_seed_and_epoch_and_resumes_part_way(
 ) -> None:
     workspace, data = prepared
     cfg = config(workspace, materialize)
-    assert fits_in_object_store(cfg, data.unlabeled) == (materialize == "always")
+    assert fits_in_object_store(cfg, data.unlabeled.num_images) == (materialize == "always")
     source = batches(cfg, data)
     epoch0, epoch1 = list(source.epoch(0, 0)), list(source.epoch(1, 0))
     assert len(epoch0) == len(epoch1) == source.steps_per_epoch == 5

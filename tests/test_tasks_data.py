@@ -90,17 +90,26 @@ def test_test_classes_must_be_labeled_classes(folders: Path) -> None:
         ingest_and_prepare(folder_config(folders))
 
 
-def test_a_test_image_in_the_unlabeled_source_fails_the_step_naming_it(folders: Path) -> None:
+def test_a_test_image_in_the_unlabeled_source_fails_the_step_naming_it_and_is_not_stored(
+    folders: Path,
+) -> None:
     planted = folders / "unlabeled" / "planted.png"
     shutil.copy(folders / "test" / "shirt" / "1.png", planted)
+    cfg = folder_config(folders)
     with pytest.raises(DataError) as failure:
-        ingest_and_prepare(folder_config(folders))
+        ingest_and_prepare(cfg)
     message = str(failure.value)
-    assert "1 test images are also in the unlabeled set" in message
-    assert f"{folders / 'test' / 'shirt' / '1.png'} is {planted}" in message
+    assert f"{planted}: the same image is in the test set ({folders / 'test' / 'shirt' / '1.png'})" in message
     assert "data.allow_test_overlap" in message
+    assert not (cfg.workspace_path / "data" / "unlabeled").exists()  # refused before anything was stored
     prepared = ingest_and_prepare(folder_config(folders, "data.allow_test_overlap=true"))
     assert prepared.unlabeled.num_images == 7
+    # Stored now, a leak still fails every run that does not allow it, naming both files.
+    planted.unlink()
+    with pytest.raises(
+        DataError, match=r"1 test images are also in the unlabeled set, e\.g\. .*1\.png is .*planted\.png"
+    ):
+        ingest_and_prepare(cfg)
 
 
 def test_fashion_mnist_limits_and_round_trip(tmp_path: Path, fashion_mnist_dir: Path) -> None:

@@ -1,8 +1,9 @@
 """Time to version 60,000 Fashion-MNIST images with DVC, and to add 1,000 more.
 
-Each phase is timed on its own: ingest (decode, validate, write content-addressed PNGs), dvc
-add (hash), push (to a local-folder remote). The second round adds the first 1,000 test
-images to the 60,000 training images: only they should be written, hashed and pushed.
+Each phase is timed on its own: ingest (decode, validate, write shards of the images as PNGs),
+dvc add (hash), push (to a local-folder remote). The second round adds the first 1,000 test
+images to the 60,000 training images: only a new shard, its manifest part and its record should
+be written, hashed and pushed.
 
     .venv/bin/python -m bench.data_versioning [--remote DIR]
 """
@@ -17,7 +18,8 @@ from datetime import date
 from pathlib import Path
 
 from tasks import versioning
-from tasks.ingest import idx_items, ingest
+from tasks.ingest import ingest
+from tasks.sources import idx_items
 
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 RESULTS = Path(__file__).parent / "results" / "data_versioning.json"
@@ -31,7 +33,7 @@ def timed(fn):  # type: ignore[no-untyped-def]
 
 def version_round(root: Path, items: list, label: str) -> dict[str, object]:  # type: ignore[type-arg]
     report, ingest_s = timed(
-        lambda: ingest(items, "unlabeled", root / "data" / "unlabeled", root / "quarantine")
+        lambda: ingest(iter(items), "unlabeled", root / "data" / "unlabeled", quarantine=root / "quarantine")
     )
     version, add_s = timed(lambda: versioning.track(root, "data/unlabeled"))
     pushed, push_s = timed(lambda: versioning.push(root, "data/unlabeled"))
@@ -53,8 +55,8 @@ def version_round(root: Path, items: list, label: str) -> dict[str, object]:  # 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.parse_args()
-    train = idx_items(FASHION_MNIST / "train-images-idx3-ubyte.gz", None)
-    extra = idx_items(FASHION_MNIST / "t10k-images-idx3-ubyte.gz", None)[:1000]
+    train = list(idx_items(FASHION_MNIST / "train-images-idx3-ubyte.gz", None))
+    extra = list(idx_items(FASHION_MNIST / "t10k-images-idx3-ubyte.gz", None))[:1000]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "repo"
         root.mkdir()

@@ -79,7 +79,8 @@ def load_idx_pair(images_path: str | Path, labels_path: str | Path) -> ImageSet:
     )
 
 
-def _idx_file(root: Path, stem: str) -> Path:
+def idx_file(root: Path, stem: str) -> Path:
+    """``root/stem.gz`` or ``root/stem``: Debian ships the files gzipped."""
     for name in (f"{stem}.gz", stem):
         if (root / name).exists():
             return root / name
@@ -90,9 +91,9 @@ def load_fashion_mnist(root: str | Path) -> tuple[ImageSet, ImageSet]:
     """Fashion-MNIST (train, test) from the four IDX files in ``root``; nothing is downloaded."""
     root = Path(root)
     train = load_idx_pair(
-        _idx_file(root, "train-images-idx3-ubyte"), _idx_file(root, "train-labels-idx1-ubyte")
+        idx_file(root, "train-images-idx3-ubyte"), idx_file(root, "train-labels-idx1-ubyte")
     )
-    test = load_idx_pair(_idx_file(root, "t10k-images-idx3-ubyte"), _idx_file(root, "t10k-labels-idx1-ubyte"))
+    test = load_idx_pair(idx_file(root, "t10k-images-idx3-ubyte"), idx_file(root, "t10k-labels-idx1-ubyte"))
     return train, test
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
@@ -119,7 +119,7 @@ class BatchSource(Protocol):
     @property
     def steps_per_epoch(self) -> int: ...
 
-    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]: ...
+    def epoch(self, epoch: int, skip: int) -> Generator[torch.Tensor, None, None]: ...
 
 
 @dataclass(frozen=True)
@@ -135,7 +135,7 @@ class TensorBatches:
     def steps_per_epoch(self) -> int:
         return len(self.images) // self.batch_size
 
-    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, skip: int) -> Generator[torch.Tensor, None, None]:
         order = torch.randperm(len(self.images), generator=step_generator(self.seed, -1 - epoch))
         for i in range(skip, self.steps_per_epoch):
             rows = order[i * self.batch_size : (i + 1) * self.batch_size]
@@ -296,46 +296,49 @@ def pretrain(
     while result.steps < total and result.steps != stop_at_step:
         epoch, index_in_epoch = divmod(result.steps, steps_per_epoch)
         batches = source.epoch(epoch, index_in_epoch)
-        for _ in range(index_in_epoch, steps_per_epoch):
-            start = time.perf_counter()
-            batch = next(batches, None)
-            if batch is None:
-                raise RuntimeError(f"epoch {epoch + 1} ended after {_} of its {steps_per_epoch} batches")
-            x = to_float(batch.to(device, non_blocking=True))
-            waited = time.perf_counter() - start
-            if source.global_batches:
-                views = method.make_views(x, aug, step_generator(settings.seed, result.steps))
-                views = [v.chunk(world)[rank] for v in views] if world > 1 else views
-            else:
-                views = method.make_views(x, aug, step_generator(settings.seed, result.steps, rank))
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss = step_loss([_to_memory_format(v, memory_format) for v in views])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-            result.steps += 1
-            method.on_step_end(result.steps / total)
-            progress.pending.append(loss.detach())
-            end_of_epoch = result.steps % steps_per_epoch == 0
-            every = settings.checkpoint_every_steps
-            checkpoint = (
-                end_of_epoch or (every > 0 and result.steps % every == 0) or result.steps == stop_at_step
-            )
-            if checkpoint:
-                progress.read_losses(result.steps)  # waits for the device: the step's seconds include it
-            progress.steps += 1
-            progress.seconds += time.perf_counter() - start
-            progress.data_seconds += waited
-            if end_of_epoch:
-                row = progress.row(epoch + 1, optimizer.param_groups[0]["lr"], source.batch_size, world)
-                result.history.append(row)
-                progress = _EpochProgress()
-                if on_epoch_end:
-                    on_epoch_end(row)
-            if checkpoint:
-                save()
-            if result.steps == stop_at_step:
-                break
+        try:
+            for _ in range(index_in_epoch, steps_per_epoch):
+                start = time.perf_counter()
+                batch = next(batches, None)
+                if batch is None:
+                    raise RuntimeError(f"epoch {epoch + 1} ended after {_} of its {steps_per_epoch} batches")
+                x = to_float(batch.to(device, non_blocking=True))
+                waited = time.perf_counter() - start
+                if source.global_batches:
+                    views = method.make_views(x, aug, step_generator(settings.seed, result.steps))
+                    views = [v.chunk(world)[rank] for v in views] if world > 1 else views
+                else:
+                    views = method.make_views(x, aug, step_generator(settings.seed, result.steps, rank))
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                    loss = step_loss([_to_memory_format(v, memory_format) for v in views])
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                result.steps += 1
+                method.on_step_end(result.steps / total)
+                progress.pending.append(loss.detach())
+                end_of_epoch = result.steps % steps_per_epoch == 0
+                every = settings.checkpoint_every_steps
+                checkpoint = (
+                    end_of_epoch or (every > 0 and result.steps % every == 0) or result.steps == stop_at_step
+                )
+                if checkpoint:
+                    progress.read_losses(result.steps)  # waits for the device: the step's seconds include it
+                progress.steps += 1
+                progress.seconds += time.perf_counter() - start
+                progress.data_seconds += waited
+                if end_of_epoch:
+                    row = progress.row(epoch + 1, optimizer.param_groups[0]["lr"], source.batch_size, world)
+                    result.history.append(row)
+                    progress = _EpochProgress()
+                    if on_epoch_end:
+                        on_epoch_end(row)
+                if checkpoint:
+                    save()
+                if result.steps == stop_at_step:
+                    break
+        finally:
+            batches.close()  # a stream's prefetching ends with its epoch, or with the run
     method.to(memory_format=torch.contiguous_format)
     return result

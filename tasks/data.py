@@ -25,7 +25,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-from ssl_models.data import DataError
+from ssl_models.data import DataError, idx_file
 from tasks.config import PipelineConfig
 from tasks.ingest import ImageRules, IngestLimits, IngestReport, ingest
 from tasks.shards import KnownImages, is_dataset, manifest_parts, summarize
@@ -99,8 +99,8 @@ def source_of(cfg: PipelineConfig, name: str) -> tuple[str, Callable[[], Iterato
     if d.source == "fashion_mnist":
         root = Path(d.fashion_mnist_dir)
         stem = "t10k" if name == "test" else "train"
-        images = _idx_file(root, f"{stem}-images-idx3-ubyte")
-        labels = None if name == "unlabeled" else _idx_file(root, f"{stem}-labels-idx1-ubyte")
+        images = idx_file(root, f"{stem}-images-idx3-ubyte")
+        labels = None if name == "unlabeled" else idx_file(root, f"{stem}-labels-idx1-ubyte")
         description = str(images)
 
         def items() -> Iterator[SourceItem]:
@@ -114,13 +114,6 @@ def source_of(cfg: PipelineConfig, name: str) -> tuple[str, Callable[[], Iterato
             return islice(source_items(location, _kind(name), d.source_endpoint_url), limit)
 
     return description, items
-
-
-def _idx_file(root: Path, stem: str) -> Path:
-    for candidate in (root / f"{stem}.gz", root / stem):
-        if candidate.exists():
-            return candidate
-    raise DataError(f"{root / stem}[.gz]: file not found (apt-get install dataset-fashion-mnist)")
 
 
 def _rules(cfg: PipelineConfig) -> ImageRules:
@@ -139,7 +132,6 @@ def _ingest_key(cfg: PipelineConfig, fingerprint: str, folder: Path) -> str:
         [
             fingerprint,
             cfg.data.channels,
-            cfg.data.ingest.model_dump(mode="json"),
             str(folder.resolve()),
             parts,
         ]
@@ -148,6 +140,7 @@ def _ingest_key(cfg: PipelineConfig, fingerprint: str, folder: Path) -> str:
 
 
 def _ingest_state(cfg: PipelineConfig, name: str) -> Path:
+    """The last ingest of a dataset's source: its key (what it depended on) and its report."""
     return cfg.workspace_path / "ingest" / f"{name}.json"
 
 
@@ -170,7 +163,7 @@ def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport | None]:
         if state.exists() and json.loads(state.read_text()).get("key") == key:
             reports[name] = None
             continue
-        reports[name] = ingest(
+        report = ingest(
             items(),
             _kind(name),
             folder,
@@ -184,8 +177,10 @@ def ingest_sources(cfg: PipelineConfig) -> dict[str, IngestReport | None]:
             s3_endpoint=cfg.data.source_endpoint_url,
             forbidden={} if cfg.data.allow_test_overlap else _other_side(name, folders),
         )
+        reports[name] = report
         state.parent.mkdir(parents=True, exist_ok=True)
-        state.write_text(json.dumps({"key": _ingest_key(cfg, listing.fingerprint, folder)}) + "\n")
+        record = {"key": _ingest_key(cfg, listing.fingerprint, folder), "report": report.as_dict()}
+        state.write_text(json.dumps(record, indent=2) + "\n")
     check_test_overlap(folders, cfg.data.allow_test_overlap)
     return {name: reports[name] for name in DATASETS}
 
@@ -224,6 +219,8 @@ def check_test_overlap(folders: dict[str, Path], allow: bool) -> list[Overlap]:
     """Raise ``DataError`` when the test set shares images with a training set (unless ``allow``)."""
     found = overlaps({name: folder for name, folder in folders.items() if is_dataset(folder)})
     leaks = [o for o in found if "test" in (o.first, o.second)]
+    for shared in found:
+        logger.info("%d images are in both the %s and the %s set", shared.count, shared.first, shared.second)
     if leaks and not allow:
         leak = leaks[0]
         training, test = (leak.first, leak.second) if leak.second == "test" else (leak.second, leak.first)
@@ -300,10 +297,21 @@ def convert_legacy_folder(
             f"{aside}: a conversion of {folder} was interrupted; move the PNGs back into {folder}"
         )
     folder.rename(aside)
-    items = (item for item in source_items(str(aside), kind))
-    report = ingest(
-        items, kind, folder, rules, on_bad="fail", source=f"{folder} (one PNG per image)", limits=limits
-    )
+    try:
+        report = ingest(
+            source_items(str(aside), kind),
+            kind,
+            folder,
+            rules,
+            on_bad="fail",
+            source=f"{folder} (one PNG per image)",
+            limits=limits,
+            expected_bytes=list_source(source_items(str(aside), kind)).bytes,
+        )
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)  # an aborted ingest committed nothing there
+        aside.rename(folder)
+        raise
     shutil.rmtree(aside)
     logger.warning("%s: converted %d PNG files to %d shards", folder, report.added, report.shards_written)
     return report

@@ -132,7 +132,10 @@ class EvalInputs:
 
     def images(self, indices: torch.Tensor) -> torch.Tensor:
         """The held images of labeled-set ``indices`` (in the validation split or a fine-tuning split)."""
-        return self.held_images[torch.searchsorted(self.held, indices)]
+        positions = torch.searchsorted(self.held, indices).clamp(max=len(self.held) - 1)
+        if not torch.equal(self.held[positions], indices):
+            raise ValueError("images asked for outside the validation and fine-tuning splits the sweep holds")
+        return self.held_images[positions]
 
 
 def label_splits(

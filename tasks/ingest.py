@@ -95,26 +95,35 @@ class BadImage(Exception):
 
 @dataclass(frozen=True)
 class Checked:
-    """A worker's verdict on one item: a record, or the reason it is bad."""
+    """A worker's verdict on one item: a record, or the reason it is bad (and its bytes, if read)."""
 
     record: ImageRecord | None
     reason: str = ""
+    data: bytes = b""
 
 
-def decode(data: bytes, rules: ImageRules) -> np.ndarray:
-    """Pixels (H, W) or (H, W, 3) in the dataset's mode; ``BadImage`` says why not."""
+def decode(data: bytes, rules: ImageRules) -> Image.Image:
+    """The image in the dataset's mode; ``BadImage`` says why not."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
-            img.load()
-            if img.mode not in MODES:
-                raise BadImage(f"unsupported image mode {img.mode}")
-            array = np.asarray(img.convert(rules.mode), dtype=np.uint8)
+        with Image.open(io.BytesIO(data)) as file:
+            file.load()
+            if file.mode not in MODES:
+                raise BadImage(f"unsupported image mode {file.mode}")
+            img = file.convert(rules.mode)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise BadImage(f"cannot decode image ({type(e).__name__}: {e})") from e
-    height, width = array.shape[:2]
+    width, height = img.size
     if min(height, width) < rules.min_side or max(height, width) > rules.max_side:
         raise BadImage(f"size {width}x{height} outside {rules.min_side}-{rules.max_side} px per side")
-    return array
+    return img
+
+
+def pixel_moments(img: Image.Image) -> tuple[float, float]:
+    """Mean and mean square of the pixels scaled to [0, 1], from PIL's histogram (no pixel copy)."""
+    counts = np.asarray(img.histogram(), dtype=np.float64).reshape(-1, 256).sum(0)
+    values = np.arange(256) / 255.0
+    total = counts.sum()
+    return float(counts @ values / total), float(counts @ values**2 / total)
 
 
 def check(item: SourceItem, rules: ImageRules, s3_endpoint: str | None = None) -> Checked:
@@ -129,19 +138,19 @@ def check(item: SourceItem, rules: ImageRules, s3_endpoint: str | None = None) -
     except (OSError, DataError) as e:
         return Checked(None, f"cannot read ({e})")
     try:
-        pixels = decode(data, rules)
+        img = decode(data, rules)
     except BadImage as e:
-        return Checked(None, str(e))
-    scaled = pixels.astype(np.float32) / 255.0
+        return Checked(None, str(e), data)
+    mean, square = pixel_moments(img)
     record = ImageRecord(
         id=hashlib.sha256(data).digest(),
         data=data,
         label=item.label,
         source=item.name,
-        width=pixels.shape[1],
-        height=pixels.shape[0],
-        pixel_mean=float(scaled.mean()),
-        pixel_sq_mean=float(np.square(scaled).mean()),
+        width=img.size[0],
+        height=img.size[1],
+        pixel_mean=mean,
+        pixel_sq_mean=square,
     )
     return Checked(record)
 
@@ -231,9 +240,7 @@ def ingest(
             if record is None:
                 if on_bad == "fail":
                     raise DataError(f"{item.name}: {verdict.reason}")
-                _quarantine(
-                    item, verdict.reason, Path(quarantine or dest.parent / f".{dest.name}.quarantine")
-                )
+                _quarantine(item, verdict, Path(quarantine or dest.parent / f".{dest.name}.quarantine"))
                 report.num_quarantined += 1
                 if len(report.quarantined) < LISTED_QUARANTINE:
                     report.quarantined.append((item.name, verdict.reason))
@@ -276,12 +283,8 @@ def ingest(
     return report
 
 
-def _quarantine(item: SourceItem, reason: str, quarantine: Path) -> None:
+def _quarantine(item: SourceItem, verdict: Checked, quarantine: Path) -> None:
     quarantine.mkdir(parents=True, exist_ok=True)
     safe = item.name.replace(os.sep, "__").replace(":", "_")[-200:]
-    try:
-        data = item.read()
-    except (OSError, DataError):
-        data = b""
-    (quarantine / safe).write_bytes(data)
-    (quarantine / f"{safe}.reason.txt").write_text(reason + "\n")
+    (quarantine / safe).write_bytes(verdict.data)
+    (quarantine / f"{safe}.reason.txt").write_text(verdict.reason + "\n")

@@ -275,7 +275,8 @@ def pretrain_encoder(
     else:
         connect(cfg)
         streaming.quiet()
-        check_cpus_for_streaming(cfg, data)
+        held = cfg.ray.num_workers * cfg.ray.cpus_per_worker
+        streaming.require_spare_cpu(cfg, data.unlabeled.num_images, held, "ray.cpus_per_worker")
         images = streaming.image_dataset(cfg, data.unlabeled)
         trainer = TorchTrainer(
             train_worker,
@@ -310,21 +311,6 @@ def pretrain_encoder(
         run_name=name,
         checkpoint_uri=checkpoint_uri(cfg, name, state["step"]),
     )
-
-
-def check_cpus_for_streaming(cfg: PipelineConfig, data: PreparedData) -> None:
-    """A streamed (not materialised) dataset decodes while the workers train: it needs a CPU they
-    do not hold, or Ray Data waits for one for ever."""
-    if streaming.fits_in_object_store(cfg, data.unlabeled.num_images):
-        return
-    cpus = ray.cluster_resources().get("CPU", 0)
-    held = cfg.ray.num_workers * cfg.ray.cpus_per_worker
-    if cpus - held < 1:
-        raise ValueError(
-            f"ray.cpus_per_worker: {cfg.ray.num_workers} workers x {cfg.ray.cpus_per_worker:g} CPUs hold all"
-            f" {cpus:g} CPUs of the cluster, and streaming the {data.unlabeled.num_images} images needs one"
-            " more to decode them: lower ray.cpus_per_worker, add a CPU node, or data.streaming.materialize"
-        )
 
 
 def save_encoder(state: dict[str, Any], path: Path) -> Path:

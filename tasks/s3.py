@@ -19,7 +19,7 @@ from botocore.exceptions import BotoCoreError, ClientError
 from pyarrow import fs as pafs
 
 from ssl_models.data import IMAGE_SUFFIXES, DataError
-from tasks.sources import Kind, SourceItem
+from tasks.sources import Kind, SourceItem, is_image
 
 _clients: dict[str | None, Any] = {}  # one per endpoint and process (ingest workers download in parallel)
 
@@ -43,10 +43,6 @@ def shared_client(endpoint_url: str | None = None) -> Any:
     return _clients[endpoint_url]
 
 
-def _is_image(key: str) -> bool:
-    return any(key.lower().endswith(suffix) for suffix in IMAGE_SUFFIXES)
-
-
 def s3_items(url: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[SourceItem]:
     """The images under an S3 prefix, a listing page at a time; for ``labeled``, the class is the
     first path component below the prefix. Workers download them when the ingest reads them."""
@@ -58,7 +54,7 @@ def s3_items(url: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[
         for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             for obj in page.get("Contents", []):
                 key = obj["Key"]
-                if not _is_image(key):
+                if not is_image(key):
                     continue
                 relative = key[len(base) :] if key.startswith(base) else key[len(prefix) :].lstrip("/")
                 parts = relative.split("/")

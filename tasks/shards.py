@@ -115,19 +115,16 @@ def next_ingest_no(folder: Path) -> int:
 
 
 def remove_uncommitted(folder: Path) -> list[str]:
-    """Delete what an ingest that stopped before its commit left: its staging folder, and shards no
-    manifest part names; the shards' names."""
+    """Delete what an ingest that stopped before its commit left: its staging folder, and the shards
+    and ingest records no manifest part commits; their names."""
     for staging in folder.parent.glob(f".{folder.name}.ingest-*"):
         shutil.rmtree(staging, ignore_errors=True)
-    shard_dir = folder / "shards"
-    if not shard_dir.is_dir():
-        return []
     committed = {int(p.stem) for p in manifest_parts(folder)}
     removed = []
-    for shard in sorted(shard_dir.glob("*.parquet")):
-        if int(shard.name.split("-", 1)[0]) not in committed:
-            shard.unlink()
-            removed.append(shard.name)
+    for path in sorted([*folder.glob("shards/*.parquet"), *folder.glob("ingests/*.json")]):
+        if int(path.name.split("-", 1)[0].removesuffix(".json")) not in committed:
+            path.unlink()
+            removed.append(str(path.relative_to(folder)))
     return removed
 
 
@@ -216,7 +213,7 @@ class ShardWriter:
 
     def _flush(self, index: int) -> None:
         records = self._buffers.pop(index, [])
-        self._buffer_bytes[index] = 0
+        self._buffer_bytes.pop(index, None)
         if not records:
             return
         name = _shard_name(self.ingest_no, index)
@@ -314,6 +311,6 @@ def summarize(folder: Path) -> DatasetSummary:
     squares = table.column("pixel_sq_mean").to_numpy().astype(np.float64)
     mean = float(means.mean())
     std = float(np.sqrt(max(squares.mean() - mean**2, 0.0)))
-    shards = tuple(sorted(set(table.column("shard").to_pylist())))
-    size = int(pa.compute.sum(table.column("size")).as_py())
+    shards = tuple(sorted(pc.unique(table.column("shard")).to_pylist()))
+    size = int(pc.sum(table.column("size")).as_py())
     return DatasetSummary(str(folder), mode, table.num_rows, classes, h.hexdigest(), mean, std, shards, size)

@@ -56,7 +56,7 @@ def class_folder(name: str) -> str:
     return name.replace("/", "_").replace("\\", "_").lstrip(".") or "_"
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
@@ -67,7 +67,7 @@ def _walk(folder: str) -> Iterator[os.DirEntry[str]]:
     for entry in ordered:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(entry.path)
-        elif entry.is_file() and _is_image(entry.name):
+        elif entry.is_file() and is_image(entry.name):
             yield entry
 
 

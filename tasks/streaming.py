@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
@@ -90,6 +90,20 @@ def fits_in_object_store(cfg: PipelineConfig, num_images: int) -> bool:
         return setting == "always"
     capacity = ray.cluster_resources().get("object_store_memory", 0)
     return num_images * cfg.data.image_size**2 * cfg.data.channels <= MATERIALIZE_SHARE * capacity
+
+
+def require_spare_cpu(cfg: PipelineConfig, num_images: int, held: float, setting: str) -> None:
+    """A streamed (not materialised) dataset decodes while its readers (training workers, trials)
+    run: it needs a CPU they do not hold, or Ray Data waits for one for ever. ``held``: their CPUs."""
+    if fits_in_object_store(cfg, num_images):
+        return
+    cpus = ray.cluster_resources().get("CPU", 0)
+    if cpus - held < 1:
+        raise ValueError(
+            f"{setting}: the readers of {num_images} streamed images hold {held:g} of the cluster's"
+            f" {cpus:g} CPUs, and decoding them needs one more: lower {setting}, add a CPU node,"
+            " or set data.streaming.materialize"
+        )
 
 
 def quiet(context: DataContext | None = None) -> None:
@@ -165,7 +179,7 @@ class StreamedBatches:
     def steps_per_epoch(self) -> int:
         return self.rows // (self.batch_size // self.world)
 
-    def epoch(self, epoch: int, skip: int) -> Iterator[torch.Tensor]:
+    def epoch(self, epoch: int, skip: int) -> Generator[torch.Tensor, None, None]:
         batches = self.shard.iter_torch_batches(
             batch_size=self.batch_size // self.world,
             drop_last=True,
@@ -176,8 +190,6 @@ class StreamedBatches:
             local_shuffle_seed=self.seed * 1_000_003 + epoch,
         )
         for i, batch in enumerate(batches):
-            if i >= self.steps_per_epoch:
-                return
             if i >= skip:
                 yield batch["image"].permute(0, 3, 1, 2)  # NHWC rows: a channels_last NCHW view
 

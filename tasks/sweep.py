@@ -24,12 +24,13 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+import ray
 import torch
 from ray import tune
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from tasks import progress
+from tasks import progress, streaming
 from tasks.cluster import connect
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData
@@ -309,8 +310,13 @@ def run_sweep(
     start = time.perf_counter()
     ev = cfg.evaluate
     name = sweep_name(cfg, data, encoder_path)
-    inputs = eval_inputs(cfg, data, encoder_path)
     connect(cfg)
+    cpus = ray.cluster_resources().get("CPU", 0)
+    trials = ev.max_concurrent_trials or cpus / ev.cpus_per_trial  # Tune runs as many as fit
+    streaming.require_spare_cpu(
+        cfg, data.test.num_images, min(cpus, trials * ev.cpus_per_trial), "evaluate.max_concurrent_trials"
+    )
+    inputs = eval_inputs(cfg, data, encoder_path)
 
     first, *other_seeds = ev.seeds
     search_specs = trial_specs(cfg, first)

@@ -143,3 +143,18 @@ def test_a_folder_of_one_png_per_image_is_converted_to_shards_once(folders: Path
     assert result.digests() == prepared.digests()  # the same images: the PNGs' bytes, unchanged
     assert not list((converted.workspace_path / "data" / "unlabeled").glob("*.png"))
     assert not list((converted.workspace_path / "data").glob(".*"))  # nothing left aside
+
+
+def test_a_conversion_that_fails_puts_the_pngs_back(tmp_path: Path) -> None:
+    from tasks.data import convert_legacy_folder
+    from tasks.ingest import ImageRules, IngestLimits
+
+    folder = tmp_path / "data" / "unlabeled"
+    for i in range(3):
+        save_png(folder / f"{i:032x}.png", 10 * i)
+    (folder / f"{9:032x}.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    with pytest.raises(DataError, match=rf"{9:032x}\.png: cannot decode image"):
+        convert_legacy_folder(folder, "unlabeled", ImageRules(1), IngestLimits())
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert sorted(p.name for p in folder.parent.iterdir()) == ["unlabeled"]

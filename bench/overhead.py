@@ -61,6 +61,7 @@ class Measured:
     seconds: float
     peak_tree_rss_mb: float
     peak_process_rss_mb: float
+    peak_tree_pss_mb: float
     returncode: int
     samples: int = 0
     tail: list[str] = field(default_factory=list)
@@ -70,13 +71,28 @@ class Measured:
             "seconds": round(self.seconds, 1),
             "peak_tree_rss_mb": round(self.peak_tree_rss_mb),
             "peak_process_rss_mb": round(self.peak_process_rss_mb),
+            "peak_tree_pss_mb": round(self.peak_tree_pss_mb),
         }
 
 
+def _pss(pid: int) -> int:
+    """A process's proportional set size in bytes (Linux's ``smaps_rollup``; 0 where there is none)."""
+    try:
+        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
+    except FileNotFoundError:
+        return 0
+    line = next((line for line in text.splitlines() if line.startswith("Pss:")), "Pss: 0 kB")
+    return int(line.split()[1]) * 1024
+
+
 def measure(command: list[str], log: Path, interval: float = 0.2) -> Measured:
-    """Run ``command``; its wall time and the peak RSS of its process tree, sampled."""
+    """Run ``command``; its wall time and the peak memory of its process tree, sampled.
+
+    The tree's RSS counts a page shared by several processes (Ray's object store, libraries) once
+    per process; its PSS shares each such page out among them, so it sums to what the tree holds.
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
-    peaks = {"tree": 0, "process": 0, "samples": 0}
+    peaks = {"tree": 0, "process": 0, "pss": 0, "samples": 0}
     with log.open("w") as out:
         start = time.perf_counter()
         child = subprocess.Popen(command, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
@@ -89,11 +105,13 @@ def measure(command: list[str], log: Path, interval: float = 0.2) -> Measured:
                     procs = [root, *root.children(recursive=True)]
                 except psutil.NoSuchProcess:
                     return
-                sizes = []
+                sizes, pss = [], 0
                 for p in procs:
-                    with contextlib.suppress(psutil.Error):  # gone between listing and reading
+                    with contextlib.suppress(psutil.Error, OSError):  # gone between listing and reading
                         sizes.append(p.memory_info().rss)
+                        pss += _pss(p.pid)
                 peaks["tree"] = max(peaks["tree"], sum(sizes))
+                peaks["pss"] = max(peaks["pss"], pss)
                 peaks["process"] = max(peaks["process"], max(sizes, default=0))
                 peaks["samples"] += 1
                 done.wait(interval)
@@ -106,7 +124,9 @@ def measure(command: list[str], log: Path, interval: float = 0.2) -> Measured:
         sampler.join()
     tail = log.read_text(errors="replace").splitlines()[-15:]
     mb = 1024 * 1024
-    return Measured(seconds, peaks["tree"] / mb, peaks["process"] / mb, code, peaks["samples"], tail)
+    return Measured(
+        seconds, peaks["tree"] / mb, peaks["process"] / mb, peaks["pss"] / mb, code, peaks["samples"], tail
+    )
 
 
 def sets(workspace: Path, overrides: list[str]) -> list[str]:

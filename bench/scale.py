@@ -13,9 +13,13 @@ sampled (``bench.overhead.measure``):
    through Ray Data into one Ray Train worker of 1 CPU (the other decodes): images/s, the share
    of the time the worker waited for data, and the peak RSS of the whole tree (Ray's processes too).
 
+With ``--gpu`` (a machine with an NVIDIA GPU) the epoch is the ``full`` profile's: 224 px,
+ResNet-50, bf16, one GPU worker with 2 CPUs, the other cores decoding; ``nvidia-smi`` is sampled
+every second for the GPU's utilisation.
+
 The generated folders are deleted after each size (``--keep`` keeps them).
 
-    .venv/bin/python -m bench.scale [--sizes 20000 50000 200000] [--no-epoch]
+    .venv/bin/python -m bench.scale [--sizes 20000 50000 200000] [--no-epoch] [--gpu]
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from datetime import date
 from pathlib import Path
@@ -49,6 +54,14 @@ EPOCH_SETTINGS = [
     "ray.num_workers=1",
     "ray.cpus_per_worker=1",
 ]
+GPU_EPOCH_SETTINGS = [
+    *EPOCH_SETTINGS,
+    "data.image_size=224",
+    "model.backbone=resnet50",
+    "pretrain.precision=bf16",
+    "ray.use_gpu=true",
+    "ray.cpus_per_worker=2",
+]
 
 
 def ingest_step(source: Path, dest: Path) -> None:
@@ -61,14 +74,15 @@ def ingest_step(source: Path, dest: Path) -> None:
     print(json.dumps({k: v for k, v in report.as_dict().items() if k != "quarantined"}))
 
 
-def epoch_step(folder: Path, workspace: Path) -> None:
+def epoch_step(folder: Path, workspace: Path, gpu: bool) -> None:
     """Step 4: one pretraining epoch on Ray Train, streamed from the folder's shards."""
     from tasks.config import load_config
     from tasks.data import DatasetRef, PreparedData
     from tasks.pretrain import pretrain_encoder
     from tasks.shards import summarize
 
-    cfg = load_config(REPO / "params.yaml", "default", [f"workspace={workspace}", *EPOCH_SETTINGS])
+    settings = GPU_EPOCH_SETTINGS if gpu else EPOCH_SETTINGS
+    cfg = load_config(REPO / "params.yaml", "default", [f"workspace={workspace}", *settings])
     s = summarize(folder)
     ref = DatasetRef("unlabeled", s.folder, s.digest, s.num_images, (), s.shards, s.bytes)
     out = pretrain_encoder(cfg, PreparedData(ref, ref, ref, s.mean, s.std))
@@ -99,7 +113,41 @@ def _step(name: str, *args: str, log: Path) -> tuple[Any, dict[str, Any]]:
     return measured, _last_json(log.read_text())
 
 
-def one_size(count: int, s3: Any, epoch: bool, keep: bool) -> dict[str, Any]:
+class GpuUtilisation:
+    """The GPU's utilisation (``nvidia-smi``, every second) while the block runs: its mean, in %.
+
+    Inactive (no GPU to watch), it samples nothing.
+    """
+
+    def __init__(self, active: bool) -> None:
+        self.samples: list[float] = []
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self.active = active
+
+    def __enter__(self) -> GpuUtilisation:
+        if self.active:
+            self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        query = ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"]
+        while not self._done.wait(1.0):
+            out = subprocess.run(query, capture_output=True, text=True, check=False).stdout.split()
+            if out:
+                self.samples.append(sum(float(v) for v in out) / len(out))
+
+    def __exit__(self, *exc: object) -> None:
+        self._done.set()
+        if self.active:
+            self._thread.join()
+
+    @property
+    def mean(self) -> float | None:
+        return round(sum(self.samples) / len(self.samples), 1) if self.samples else None
+
+
+def one_size(count: int, s3: Any, epoch: bool, keep: bool, gpu: bool) -> dict[str, Any]:
     work = WORK / f"{count}"
     shutil.rmtree(work, ignore_errors=True)
     source, extra, repo = work / "photos", work / "photos-new", work / "repo"
@@ -162,11 +210,14 @@ def one_size(count: int, s3: Any, epoch: bool, keep: bool) -> dict[str, Any]:
         },
     }
     if epoch:
-        measured, history = _step("epoch-step", str(folder), str(work / "ws"), log=work / "epoch.log")
+        args = [str(folder), str(work / "ws"), *(["--gpu"] if gpu else [])]
+        with GpuUtilisation(gpu) as utilisation:
+            measured, history = _step("epoch-step", *args, log=work / "epoch.log")
         row["epoch"] = {
             **measured.row(),
             "images_per_s": round(history["images_per_s"], 1),
             "data_wait_share": round(history["data_wait_share"], 3),
+            **({"gpu_utilisation_percent": utilisation.mean} if gpu else {}),
         }
     if not keep:
         shutil.rmtree(work, ignore_errors=True)
@@ -201,13 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     if argv and argv[0] == "ingest-step":
         return ingest_step(Path(argv[1]), Path(argv[2]))
     if argv and argv[0] == "epoch-step":
-        return epoch_step(Path(argv[1]), Path(argv[2]))
+        return epoch_step(Path(argv[1]), Path(argv[2]), gpu="--gpu" in argv)
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sizes", type=int, nargs="+", default=[20_000, 50_000, 200_000])
     parser.add_argument("--no-epoch", dest="epoch", action="store_false")
     parser.add_argument("--keep", action="store_true", help="keep the generated folders")
+    parser.add_argument("--gpu", action="store_true", help="the epoch at 224 px, ResNet-50, bf16 on a GPU")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     from tests.s3_server import SeaweedS3
@@ -216,7 +268,7 @@ def main(argv: list[str] | None = None) -> None:
     shutil.rmtree(WORK, ignore_errors=True)
     with SeaweedS3(WORK / "seaweedfs") as s3:
         for count in sorted(args.sizes):
-            rows.append(one_size(count, s3, args.epoch, args.keep))
+            rows.append(one_size(count, s3, args.epoch, args.keep, args.gpu))
             print(json.dumps(rows[-1]), flush=True)
     if not args.keep:
         shutil.rmtree(WORK, ignore_errors=True)

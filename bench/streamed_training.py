@@ -78,7 +78,8 @@ def in_memory_worker(config: dict[str, Any]) -> None:
         cfg.pretrain.settings(cfg.seed),
         device=ray.train.torch.get_device(),
     )
-    ray.train.report({"history": result.history})
+    # Ray Train keeps a run's metrics only beside a checkpoint: the history goes to a file (one machine).
+    Path(config["history_file"]).write_text(json.dumps(result.history))
 
 
 def run_in_memory(cfg: Any, data: Any, images_ref: Any, storage: Path) -> list[dict[str, float]]:
@@ -89,11 +90,18 @@ def run_in_memory(cfg: Any, data: Any, images_ref: Any, storage: Path) -> list[d
 
     trainer = TorchTrainer(
         in_memory_worker,
-        train_loop_config={"cfg": cfg, "images": images_ref, "mean": data.mean, "std": data.std},
+        train_loop_config={
+            "cfg": cfg,
+            "images": images_ref,
+            "mean": data.mean,
+            "std": data.std,
+            "history_file": str(storage / "history.json"),
+        },
         scaling_config=scaling_config(cfg),
         run_config=RunConfig(name="in-memory", storage_path=str(storage)),
     )
-    history: list[dict[str, float]] = trainer.fit().metrics["history"]
+    trainer.fit()
+    history: list[dict[str, float]] = json.loads((storage / "history.json").read_text())
     return history
 
 

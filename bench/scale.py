@@ -234,9 +234,9 @@ def summary(rows: list[dict[str, Any]]) -> dict[str, Any]:
         "incremental_pushes_only_new_files": all(r["incremental"]["only_new_files_pushed"] for r in rows),
     }
     if "epoch" in large:
-        for measure in ("rss", "pss"):
-            out[f"epoch_{measure}_ratio"] = round(
-                large["epoch"][f"peak_tree_{measure}_mb"] / small["epoch"][f"peak_tree_{measure}_mb"], 2
+        for memory in ("rss", "pss"):
+            out[f"epoch_{memory}_ratio"] = round(
+                large["epoch"][f"peak_tree_{memory}_mb"] / small["epoch"][f"peak_tree_{memory}_mb"], 2
             )
     out["met"] = {
         "rss": max(out["ingest_rss_ratio"], out.get("epoch_rss_ratio", 0))

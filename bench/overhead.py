@@ -76,11 +76,8 @@ class Measured:
 
 
 def _pss(pid: int) -> int:
-    """A process's proportional set size in bytes (Linux's ``smaps_rollup``; 0 where there is none)."""
-    try:
-        text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    except FileNotFoundError:
-        return 0
+    """A process's proportional set size in bytes (Linux's ``smaps_rollup``; OSError where there is none)."""
+    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
     line = next((line for line in text.splitlines() if line.startswith("Pss:")), "Pss: 0 kB")
     return int(line.split()[1]) * 1024
 

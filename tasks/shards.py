@@ -122,7 +122,7 @@ def remove_uncommitted(folder: Path) -> list[str]:
     committed = {int(p.stem) for p in manifest_parts(folder)}
     removed = []
     for path in sorted([*folder.glob("shards/*.parquet"), *folder.glob("ingests/*.json")]):
-        if int(path.name.split("-", 1)[0].removesuffix(".json")) not in committed:
+        if int(path.stem.split("-")[0]) not in committed:  # 00001-0000.parquet, 00001.json: ingest 1
             path.unlink()
             removed.append(str(path.relative_to(folder)))
     return removed

@@ -17,7 +17,7 @@ from PIL import Image
 from bench.photos import write_photo_folder
 from ssl_models.data import DataError, read_idx
 from tasks.ingest import ImageRules, IngestLimits, ingest
-from tasks.shards import KnownImages, read_manifest, summarize
+from tasks.shards import KnownImages, read_manifest, remove_uncommitted, summarize
 from tasks.sources import folder_items, idx_items, list_source, source_items, table_items
 
 
@@ -80,6 +80,21 @@ def test_a_bad_image_fails_the_ingest_naming_it_and_writes_nothing(tmp_path: Pat
         ingest(folder_items(src, "unlabeled"), "unlabeled", tmp_path / "data", on_bad="fail")
     assert tree(tmp_path / "data") == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "src"]  # no staging left behind
+
+
+def test_what_an_uncommitted_ingest_left_is_removed_and_committed_files_stay(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(3):
+        write_png(src / f"img{i}.png", seed=i)
+    ingest(folder_items(src, "unlabeled"), "unlabeled", tmp_path / "data")
+    committed = tree(tmp_path / "data")
+    data = tmp_path / "data"
+    (data / "shards" / "00002-0000.parquet").write_bytes(b"half a shard")
+    (data / "ingests" / "00002.json").write_text("{}")
+    (tmp_path / ".data.ingest-2").mkdir()
+    assert remove_uncommitted(data) == ["ingests/00002.json", "shards/00002-0000.parquet"]
+    assert tree(data) == committed
+    assert not (tmp_path / ".data.ingest-2").exists()
 
 
 def test_dedup_within_and_across_ingests_appends_new_shards_and_rewrites_none(tmp_path: Path) -> None:

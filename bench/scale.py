@@ -12,6 +12,8 @@ sampled (``bench.overhead.measure``):
 4. one pretraining epoch at 96 px RGB (SimCLR, small_cnn, batch 256) streamed from the shards
    through Ray Data into one Ray Train worker of 1 CPU (the other decodes): images/s, the share
    of the time the worker waited for data, and the peak RSS of the whole tree (Ray's processes too).
+   Ray Data holds at most ``data.streaming.object_store_mb`` (1 GB by default) of decoded blocks in
+   the object store, whatever the dataset's size.
 
 With ``--gpu`` (a machine with an NVIDIA GPU) the epoch is the ``full`` profile's: 224 px,
 ResNet-50, bf16, one GPU worker with 2 CPUs, the other cores decoding; ``nvidia-smi`` is sampled
@@ -61,6 +63,7 @@ GPU_EPOCH_SETTINGS = [
     "pretrain.precision=bf16",
     "ray.use_gpu=true",
     "ray.cpus_per_worker=2",
+    "data.streaming.object_store_mb=8192",  # the full profile's: many decoding CPUs keep more in flight
 ]
 
 

@@ -71,6 +71,9 @@ class StreamingConfig(_Section):
     materialize: Literal["auto", "always", "never"] = (
         "auto"  # auto: when decoded it fits in half the object store
     )
+    # object-store memory one streamed read may hold in flight (Ray Data's resource_limits);
+    # None: Ray Data's default, half the object store
+    object_store_mb: Annotated[float, Field(gt=0)] | None = 1024
     shuffle_buffer_mb: Annotated[float, Field(gt=0)] = 256  # each worker's local shuffle buffer
     prefetch_batches: Annotated[int, Field(ge=0)] = 2
 

@@ -290,7 +290,7 @@ def pretrain_encoder(
             scaling_config=scaling_config(cfg),
             run_config=run_config(cfg, name),
             datasets={"unlabeled": images},
-            dataset_config=DataConfig(execution_options=streaming.ingest_options()),
+            dataset_config=DataConfig(execution_options=streaming.ingest_options(cfg)),
         )
         result = trainer.fit()
         if result.checkpoint is None:

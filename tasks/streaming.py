@@ -27,7 +27,7 @@ import ray
 import ray.data
 import torch
 from PIL import Image
-from ray.data import DataContext, ExecutionOptions
+from ray.data import DataContext, ExecutionOptions, ExecutionResources
 
 from ssl_models.augment import to_float
 from ssl_models.data import DataError, ImageSet
@@ -129,7 +129,7 @@ def _read(cfg: PipelineConfig, ref: DatasetRef, columns: list[str]) -> ray.data.
         context.use_datasource_v2 = v2
     dataset = dataset.select_columns(columns)
     quiet(dataset.context)
-    dataset.context.execution_options.preserve_order = True
+    dataset.context.execution_options = ingest_options(cfg)
     return dataset
 
 
@@ -148,9 +148,13 @@ def image_dataset(
     return dataset
 
 
-def ingest_options() -> ExecutionOptions:
-    """Ray Train's options for the workers' dataset shards: rows in their fixed order."""
-    return ExecutionOptions(preserve_order=True)
+def ingest_options(cfg: PipelineConfig) -> ExecutionOptions:
+    """How a dataset is read, by the driver and by Ray Train for its workers' shards: rows in their
+    fixed order, and at most ``data.streaming.object_store_mb`` of blocks in the object store at
+    once, so a streamed epoch holds as much memory at 10^7 images as at 10^4."""
+    budget = cfg.data.streaming.object_store_mb
+    limits = ExecutionResources.for_limits(object_store_memory=None if budget is None else budget * 2**20)
+    return ExecutionOptions(preserve_order=True, resource_limits=limits)
 
 
 def shuffle_rows(cfg: PipelineConfig, rows: int) -> int:

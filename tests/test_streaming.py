@@ -108,3 +108,19 @@ def test_a_streamed_run_resumed_mid_epoch_equals_an_uninterrupted_one(
     ]
     for name, value in whole.state_dict().items():
         assert torch.equal(value, resumed.state_dict()[name]), name
+
+
+@pytest.mark.parametrize(("budget", "limit"), [("2", 2 * 2**20), ("null", float("inf"))])
+def test_a_streamed_read_holds_at_most_its_object_store_budget(
+    ray_cluster: str, prepared: tuple[Path, PreparedData], budget: str, limit: float
+) -> None:
+    """What bounds a streamed epoch's memory whatever the dataset's size (bench.scale measures it):
+    Ray Data keeps at most data.streaming.object_store_mb of blocks in flight; null leaves Ray's default."""
+    workspace, data = prepared
+    cfg = load_config(
+        REPO / "params.yaml", "smoke", [f"workspace={workspace}", f"data.streaming.object_store_mb={budget}"]
+    )
+    dataset = image_dataset(cfg, data.unlabeled)
+    assert dataset.context.execution_options.resource_limits.object_store_memory == limit
+    assert dataset.context.execution_options.preserve_order
+    assert sum(len(batch["image"]) for batch in dataset.iter_batches(batch_size=100)) == 320

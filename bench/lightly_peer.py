@@ -24,7 +24,8 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from ssl_models.augment import AugmentParams
+from ssl_models.augment import BLUR_SIGMA_SIDE, AugmentParams
+from ssl_models.methods.byol import BYOLParams
 from ssl_models.train import TrainSettings, build_optimizer, total_steps, warmup_cosine
 
 METHODS = ("simclr", "byol")
@@ -112,11 +113,11 @@ def _view_kwargs(aug: AugmentParams, image_size: int) -> dict[str, Any]:
         "cj_strength": 1.0,
         "cj_bright": aug.brightness,
         "cj_contrast": aug.contrast,
-        "cj_sat": 0.0,
-        "cj_hue": 0.0,
+        "cj_sat": aug.saturation,
+        "cj_hue": aug.hue,
         "min_scale": aug.crop_scale[0],
-        "random_gray_scale": 0.0,
-        "sigmas": aug.blur_sigma,
+        "random_gray_scale": aug.grayscale_p,
+        "sigmas": tuple(s * image_size / BLUR_SIGMA_SIDE for s in aug.blur_sigma),
         "hf_prob": aug.flip_p,
         "normalize": None,  # the encoder normalises, as ours does
     }
@@ -129,10 +130,11 @@ def lightly_transform(method: str, aug: AugmentParams, image_size: int) -> Calla
     kwargs = _view_kwargs(aug, image_size)
     if method == "simclr":
         return SimCLRTransform(**kwargs, gaussian_blur=aug.blur_p)  # type: ignore[no-any-return]
-    if method == "byol":  # BYOL's asymmetric views (table 6), as ours: blur 1.0 / 0.1, solarize 0 / 0.2
+    if method == "byol":  # BYOL's asymmetric views (table 6), as ours
+        (blur_1, blur_2), (solarize_1, solarize_2) = BYOLParams.view_blur_p, BYOLParams.view_solarize_p
         return BYOLTransform(  # type: ignore[no-any-return]
-            view_1_transform=BYOLView1Transform(**kwargs, gaussian_blur=1.0, solarization_prob=0.0),
-            view_2_transform=BYOLView2Transform(**kwargs, gaussian_blur=0.1, solarization_prob=0.2),
+            view_1_transform=BYOLView1Transform(**kwargs, gaussian_blur=blur_1, solarization_prob=solarize_1),
+            view_2_transform=BYOLView2Transform(**kwargs, gaussian_blur=blur_2, solarization_prob=solarize_2),
         )
     raise ValueError(f"no LightlySSL transform for method {method!r}; choose one of {METHODS}")
 

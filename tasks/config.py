@@ -115,6 +115,9 @@ class AugmentConfig(_Section):
     jitter_p: Probability = 0.8
     brightness: Annotated[float, Field(ge=0, lt=1)] = 0.4
     contrast: Annotated[float, Field(ge=0, lt=1)] = 0.4
+    saturation: Annotated[float, Field(ge=0)] = 0.2  # RGB only, as hue and grayscale_p
+    hue: Annotated[float, Field(ge=0, le=0.5)] = 0.1
+    grayscale_p: Probability = 0.2
     blur_p: Probability = 0.0
     blur_sigma: tuple[Annotated[float, Field(gt=0)], Annotated[float, Field(gt=0)]] = (0.1, 2.0)
     solarize_p: Probability = 0.0
@@ -203,7 +206,7 @@ class LinearProbeConfig(_Section):
 class FinetuneConfig(OptimConfig):
     lr: Annotated[float, Field(gt=0, le=10)] = 1e-3
     steps: Annotated[int, Field(gt=0)] = 300
-    augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0)
+    augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
 
 
 SEARCHABLE: dict[str, type[_Section]] = {

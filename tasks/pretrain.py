@@ -38,6 +38,7 @@ from ray.train import (
 from ray.train.torch import TorchTrainer
 
 from ssl_models import Encoder, create_backbone, create_method
+from ssl_models.methods import get_method
 from ssl_models.train import load_checkpoint, pretrain
 from tasks import streaming
 from tasks.cluster import connect
@@ -304,7 +305,7 @@ def pretrain_encoder(
     torch.save(state, checkpoint_path)
     return PretrainOutput(
         checkpoint_path=str(checkpoint_path),
-        encoder_path=str(save_encoder(state, folder / "encoder.pt")),
+        encoder_path=str(save_encoder(state, folder / "encoder.pt", encoder_module(cfg))),
         steps=state["step"],
         resumed_from_step=resumed_from_step,
         history=state["history"],
@@ -313,9 +314,15 @@ def pretrain_encoder(
     )
 
 
-def save_encoder(state: dict[str, Any], path: Path) -> Path:
-    """The encoder's weights (normalisation included) out of a training checkpoint's model."""
-    encoder = {k.removeprefix("backbone."): v for k, v in state["model"].items() if k.startswith("backbone.")}
+def encoder_module(cfg: PipelineConfig) -> str:
+    return get_method(cfg.pretrain.method).encoder_module
+
+
+def save_encoder(state: dict[str, Any], path: Path, module: str = "backbone") -> Path:
+    """The encoder's weights (normalisation included) out of a training checkpoint's model: those of
+    its ``module`` (the method's ``encoder_module``: DINO's teacher, every other method's backbone)."""
+    prefix = f"{module}."
+    encoder = {k.removeprefix(prefix): v for k, v in state["model"].items() if k.startswith(prefix)}
     torch.save(encoder, path)
     return path
 
@@ -324,8 +331,9 @@ def encoder_from_checkpoint(cfg: PipelineConfig, checkpoint_path: Path) -> Path:
     """The encoder of a pretraining checkpoint, checked against this config's model and images."""
     state = load_checkpoint(checkpoint_path)
     trained = state.get("config", {})
-    for section, key in (("model", "backbone"), ("data", "channels"), ("data", "image_size")):
+    checked = (("pretrain", "method"), ("model", "backbone"), ("data", "channels"), ("data", "image_size"))
+    for section, key in checked:
         then, now = trained.get(section, {}).get(key), getattr(getattr(cfg, section), key)
         if then != now:
             raise ValueError(f"{section}.{key}: the pretraining run used {then!r}, this config says {now!r}")
-    return save_encoder(state, checkpoint_path.with_name("encoder.pt"))
+    return save_encoder(state, checkpoint_path.with_name("encoder.pt"), encoder_module(cfg))

@@ -78,10 +78,32 @@ def test_vicreg_matches_hand_computed_values() -> None:
     assert vicreg_loss(WHITE, WHITE).item() == pytest.approx(0.0, abs=1e-6)
     # Shifting one view by 1 costs invariance only: 25 * mean((1)^2) = 25.
     assert vicreg_loss(WHITE, WHITE + 1).item() == pytest.approx(25.0, abs=1e-5)
-    # A collapsed view (all zeros): variance 25 * (1 - sqrt(1e-4)) = 24.75, invariance 25 * 1.
+    # A collapsed view (all zeros): variance 25 * (0 + (1 - sqrt(1e-4))) / 2 = 12.375 (the branches'
+    # mean), invariance 25 * 1.
     collapsed = torch.zeros(4, 2)
-    assert vicreg_loss(WHITE, collapsed).item() == pytest.approx(25.0 + 24.75, abs=1e-4)
+    assert vicreg_loss(WHITE, collapsed).item() == pytest.approx(25.0 + 12.375, abs=1e-4)
     # Perfectly correlated columns: Cov = [[4/3, 4/3], [4/3, 4/3]], c = 2 * (4/3)^2 / 2 per view.
     correlated = torch.tensor([[1.0, 1.0], [-1.0, -1.0], [1.0, 1.0], [-1.0, -1.0]])
     expected = 2 * (16 / 9)
     assert vicreg_loss(correlated, correlated).item() == pytest.approx(expected, abs=1e-5)
+
+
+def test_vicreg_equals_lightly_and_the_authors_loss_in_float64() -> None:
+    from lightly.loss import VICRegLoss
+
+    g = torch.Generator().manual_seed(0)
+    z1, z2 = torch.randn(64, 32, generator=g, dtype=torch.float64), torch.randn(64, 32, generator=g)
+    z2 = (0.3 * z2.double() + 0.5 * z1)[:, torch.randperm(32, generator=g)] * 0.2  # some variance < 1
+    theirs = VICRegLoss()(z1, z2).item()
+    assert vicreg_loss(z1.float(), z2.float()).item() == pytest.approx(theirs, rel=1e-5)
+
+
+@pytest.mark.parametrize("loss", [barlow_twins_loss, vicreg_loss])
+def test_correlation_losses_run_in_fp32_under_bf16_autocast(loss) -> None:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(1)
+    z1, z2 = torch.randn(256, 512, generator=g), torch.randn(256, 512, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = loss(z1.bfloat16(), z2.bfloat16())
+    assert under_autocast.dtype == torch.float32
+    in_fp32 = loss(z1.bfloat16().float(), z2.bfloat16().float())
+    assert under_autocast.item() == pytest.approx(in_fp32.item(), rel=1e-6)

@@ -1,14 +1,19 @@
 """What is particular to one method: its loss formula, schedules and view layout."""
 
+import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from ssl_models.augment import AugmentParams
+from ssl_models.augment import AugmentParams, augment
 from ssl_models.losses import batch_center, dino_loss, moco_v3_loss
 from ssl_models.methods.relative_patch import grid_patches
+from tasks.config import load_config
+from tasks.pretrain import encoder_from_checkpoint
+from tests.conftest import REPO
 from tests.method_fixtures import small_method
 
 
@@ -86,3 +91,36 @@ def test_rotation_labels_follow_the_rotation() -> None:
         rotated = torch.cat([torch.rot90(digits[:1], k, dims=(2, 3)) for k in range(4)])
         predicted = method.head(method.backbone(rotated)).argmax(1)
     assert predicted.tolist() == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("name", ["byol", "moco", "dino"])
+def test_asymmetric_views_take_each_views_blur_and_solarize_from_the_method_params(name: str) -> None:
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    aug = AugmentParams(blur_p=0.5, solarize_p=0.5)  # the symmetric methods' setting: not these
+    method = small_method(name, view_blur_p=(0.0, 1.0), view_solarize_p=(1.0, 0.0))
+    views = method.make_views(x, aug, torch.Generator().manual_seed(1))
+    if name == "dino":
+        aug = dataclasses.replace(aug, crop_scale=method.params.global_crop_scale)
+    g = torch.Generator().manual_seed(1)
+    first = augment(x, dataclasses.replace(aug, blur_p=0.0, solarize_p=1.0), g)
+    second = augment(x, dataclasses.replace(aug, blur_p=1.0, solarize_p=0.0), g)
+    assert torch.equal(views[0], first) and torch.equal(views[1], second)
+
+
+def test_dino_exports_its_teacher_and_other_methods_their_backbone(tmp_path: Path) -> None:
+    """DINO is evaluated (and released) as its teacher: the pipeline's encoder file holds the teacher."""
+    cfg = load_config(REPO / "params.yaml", "smoke", ["pretrain.method=dino"])
+    dino = small_method("dino")
+    with torch.no_grad():  # a teacher unlike its student, as after any training
+        for p in dino.teacher_backbone.parameters():
+            p.add_(1.0)
+    checkpoint = tmp_path / "checkpoint.pt"
+    torch.save({"model": dino.state_dict(), "config": cfg.model_dump(mode="json")}, checkpoint)
+    encoder = torch.load(encoder_from_checkpoint(cfg, checkpoint), weights_only=True)
+    teacher, student = dino.teacher_backbone.state_dict(), dino.backbone.state_dict()
+    assert encoder.keys() == teacher.keys()
+    assert all(torch.equal(encoder[k], teacher[k]) for k in teacher)
+    assert not all(torch.equal(encoder[k], student[k]) for k in student)
+    simclr = load_config(REPO / "params.yaml", "smoke", ["pretrain.method=simclr"])
+    with pytest.raises(ValueError, match=r"pretrain\.method: the pretraining run used 'dino'"):
+        encoder_from_checkpoint(simclr, checkpoint)

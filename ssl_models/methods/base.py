@@ -49,6 +49,7 @@ class SSLMethod(nn.Module):
     name: ClassVar[str]
     Params: ClassVar[type]
     backbones: ClassVar[tuple[str, ...] | None] = None  # the backbones it supports; None: all
+    encoder_module: ClassVar[str] = "backbone"  # the submodule whose weights are the pretrained encoder
 
     def __init__(self, backbone: nn.Module, params: Any):
         super().__init__()

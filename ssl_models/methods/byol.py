@@ -15,20 +15,31 @@ from ssl_models.methods.base import SSLMethod, mlp
 from ssl_models.methods.momentum import cosine_momentum, ema_update, frozen_copy
 
 
-def asymmetric_views(images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
-    """BYOL's asymmetric views (table 6): blur always / rarely, solarize never / sometimes."""
-    first = dataclasses.replace(aug, blur_p=1.0, solarize_p=0.0)
-    second = dataclasses.replace(aug, blur_p=0.1, solarize_p=0.2)
-    return [augment(images, first, g), augment(images, second, g)]
+def asymmetric_views(
+    images: torch.Tensor,
+    aug: AugmentParams,
+    g: torch.Generator,
+    blur_p: tuple[float, float],
+    solarize_p: tuple[float, float],
+) -> list[torch.Tensor]:
+    """Two views whose blur and solarize probabilities differ (BYOL's table 6: blur 1.0 / 0.1,
+    solarize 0.0 / 0.2); these replace ``aug``'s own ``blur_p`` and ``solarize_p``."""
+    return [
+        augment(images, dataclasses.replace(aug, blur_p=blur, solarize_p=solarize), g)
+        for blur, solarize in zip(blur_p, solarize_p, strict=True)
+    ]
 
 
 @dataclass(frozen=True)
 class BYOLParams:
-    """Defaults from the paper: 4096-d hidden, 256-d projection, tau_base = 0.996 (section 3.3)."""
+    """Defaults from the paper: 4096-d hidden, 256-d projection, tau_base = 0.996 (section 3.3);
+    the two views' blur and solarize probabilities of table 6."""
 
     hidden_dim: int = 4096
     projection_dim: int = 256
     momentum_base: float = 0.996
+    view_blur_p: tuple[float, float] = (1.0, 0.1)
+    view_solarize_p: tuple[float, float] = (0.0, 0.2)
 
 
 class BYOL(SSLMethod):
@@ -44,7 +55,7 @@ class BYOL(SSLMethod):
         self.momentum = params.momentum_base
 
     def make_views(self, images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
-        return asymmetric_views(images, aug, g)
+        return asymmetric_views(images, aug, g, self.params.view_blur_p, self.params.view_solarize_p)
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
         v1, v2 = views

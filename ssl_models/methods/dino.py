@@ -25,7 +25,8 @@ class DINOParams:
     A 3-layer 2048-d head with a 256-d bottleneck, l2-normalised, then a weight-normalised
     65536-way layer; tau_s = 0.1; tau_t warmed up linearly from 0.04 to 0.07 over the first
     30% of training (30 of 100 epochs); centre momentum 0.9; teacher EMA 0.996 -> 1 (cosine);
-    2 global crops (scale 0.4-1) and 8 local crops (scale 0.05-0.4). The paper's local crops
+    2 global crops (scale 0.4-1; blur 1.0 / 0.1, solarize 0.0 / 0.2, as BYOL) and 8 local crops
+    (scale 0.05-0.4, blur 0.5, no solarize). The paper's local crops
     are 96 of 224 px; at 28 px that would be 12, and 16 is the smallest size every backbone
     here accepts, hence ``local_crop_size`` = 16.
     """
@@ -43,6 +44,9 @@ class DINOParams:
     global_crop_scale: tuple[float, float] = (0.4, 1.0)
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
     local_crop_size: int = 16
+    view_blur_p: tuple[float, float] = (1.0, 0.1)
+    view_solarize_p: tuple[float, float] = (0.0, 0.2)
+    local_blur_p: float = 0.5
 
 
 class DINOHead(nn.Module):
@@ -68,6 +72,7 @@ class DINOHead(nn.Module):
 class DINO(SSLMethod):
     name = "dino"
     Params = DINOParams
+    encoder_module = "teacher_backbone"  # the paper evaluates (and releases) the teacher (section 3.1)
 
     def __init__(self, backbone: nn.Module, params: DINOParams):
         super().__init__(backbone, params)
@@ -83,10 +88,13 @@ class DINO(SSLMethod):
         self._batch_center: torch.Tensor | None = None
 
     def make_views(self, images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
-        """Two global crops (BYOL's asymmetric augmentations), then the local crops (blur p = 0.5)."""
+        """Two global crops (BYOL's asymmetric augmentations), then the local crops."""
         p = self.params
-        global_views = asymmetric_views(images, dataclasses.replace(aug, crop_scale=p.global_crop_scale), g)
-        local_aug = dataclasses.replace(aug, crop_scale=p.local_crop_scale, blur_p=0.5, solarize_p=0.0)
+        global_aug = dataclasses.replace(aug, crop_scale=p.global_crop_scale)
+        global_views = asymmetric_views(images, global_aug, g, p.view_blur_p, p.view_solarize_p)
+        local_aug = dataclasses.replace(
+            aug, crop_scale=p.local_crop_scale, blur_p=p.local_blur_p, solarize_p=0.0
+        )
         local_views = [augment(images, local_aug, g, p.local_crop_size) for _ in range(p.num_local_crops)]
         return global_views + local_views
 

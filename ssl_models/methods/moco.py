@@ -24,7 +24,8 @@ class MoCoParams:
     """Defaults from the paper's ResNet-50 recipe (appendix; the authors' ``main_moco.py``).
 
     tau = 1.0 (0.2 for ViTs), a 2-layer 4096-d projector to 256-d (3 layers for ViTs) with a
-    final BN, a 2-layer 4096-d predictor, momentum 0.99 raised to 1 by a cosine schedule.
+    final BN, a 2-layer 4096-d predictor, momentum 0.99 raised to 1 by a cosine schedule; BYOL's
+    asymmetric blur and solarize probabilities per view (section 4).
     """
 
     temperature: float = 1.0
@@ -32,6 +33,8 @@ class MoCoParams:
     projection_dim: int = 256
     projector_layers: int = 2
     momentum_base: float = 0.99
+    view_blur_p: tuple[float, float] = (1.0, 0.1)
+    view_solarize_p: tuple[float, float] = (0.0, 0.2)
 
 
 class MoCo(SSLMethod):
@@ -54,7 +57,7 @@ class MoCo(SSLMethod):
 
     def make_views(self, images: torch.Tensor, aug: AugmentParams, g: torch.Generator) -> list[torch.Tensor]:
         """BYOL's asymmetric augmentations, as MoCo v3 uses (section 4)."""
-        return asymmetric_views(images, aug, g)
+        return asymmetric_views(images, aug, g, self.params.view_blur_p, self.params.view_solarize_p)
 
     def loss(self, views: list[torch.Tensor]) -> torch.Tensor:
         """ctr(q1, k2) + ctr(q2, k1), algorithm 1."""

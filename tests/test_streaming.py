@@ -124,3 +124,36 @@ def test_a_streamed_read_holds_at_most_its_object_store_budget(
     assert dataset.context.execution_options.resource_limits.object_store_memory == limit
     assert dataset.context.execution_options.preserve_order
     assert sum(len(batch["image"]) for batch in dataset.iter_batches(batch_size=100)) == 320
+
+
+def test_a_read_held_back_by_its_budget_waits_instead_of_spinning(ray_cluster: str, tmp_path: Path) -> None:
+    """With every operator held back by the object-store budget and no task running, Ray Data's
+    scheduling loop would spin a CPU until the consumer takes a block (WaitWhenIdle)."""
+    import time
+
+    import numpy as np
+    import ray.data
+
+    from tasks.streaming import WaitWhenIdle, read_options
+
+    overrides = [f"workspace={tmp_path}", "data.streaming.object_store_mb=1"]
+    cfg = load_config(REPO / "params.yaml", "smoke", overrides)
+
+    def executor_cpu_seconds_while_the_consumer_sleeps(wait: bool) -> float:
+        dataset = ray.data.range(400, override_num_blocks=100).map_batches(
+            lambda batch: {"x": np.zeros((len(batch["id"]), 100_000), np.uint8)}, batch_size=None
+        )  # 100 blocks of 400 KB against a 1 MB budget
+        read_options(cfg, dataset.context)
+        if not wait:
+            dataset.context.custom_execution_callback_classes.remove(WaitWhenIdle)
+        batches = iter(dataset.iter_batches(batch_size=4, prefetch_batches=0))
+        next(batches)
+        time.sleep(1.0)  # the budget fills; then nothing runs until the consumer reads on
+        start = time.process_time()
+        time.sleep(3.0)
+        spent = time.process_time() - start
+        assert sum(len(b["x"]) for b in batches) == 396
+        return spent
+
+    assert executor_cpu_seconds_while_the_consumer_sleeps(wait=False) > 1.5  # the spin, measured
+    assert executor_cpu_seconds_while_the_consumer_sleeps(wait=True) < 0.5

@@ -42,6 +42,8 @@ BLUR_SIGMA_SIDE = 224  # the image side at which ``blur_sigma`` is in pixels
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601, as torchvision's rgb_to_grayscale
 _RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 _YIQ_TO_RGB = torch.linalg.inv(_RGB_TO_YIQ)
+_GRAY = torch.tensor(LUMA).expand(3, 3)  # each row: the luma weights
+_EYE = torch.eye(3)
 
 
 def _uniform(n: int, low: float, high: float, g: torch.Generator) -> torch.Tensor:
@@ -115,15 +117,13 @@ def color_jitter(
     s = torch.where(apply, _uniform(n, max(0.0, 1 - saturation), 1 + saturation, g), 1.0)
     turn = torch.where(apply, _uniform(n, -hue, hue, g), 0.0) * 2 * math.pi
     gray = _bernoulli(n, grayscale_p, g)
-    luma = torch.tensor(LUMA).expand(3, 3)  # each row: the luma weights
-    eye = torch.eye(3)
-    saturate = s.view(n, 1, 1) * eye + (1 - s).view(n, 1, 1) * luma
+    saturate = s.view(n, 1, 1) * _EYE + (1 - s).view(n, 1, 1) * _GRAY
     rotate = torch.zeros(n, 3, 3)
     rotate[:, 0, 0] = 1
     rotate[:, 1, 1], rotate[:, 1, 2] = torch.cos(turn), -torch.sin(turn)
     rotate[:, 2, 1], rotate[:, 2, 2] = torch.sin(turn), torch.cos(turn)
     hue_shift = _YIQ_TO_RGB @ rotate @ _RGB_TO_YIQ
-    matrix = torch.where(gray.view(n, 1, 1), luma, eye) @ hue_shift @ saturate
+    matrix = torch.where(gray.view(n, 1, 1), _GRAY, _EYE) @ hue_shift @ saturate
     return torch.einsum("nij,njhw->nihw", matrix.to(x.device, x.dtype), x).clamp(0, 1)
 
 

@@ -176,8 +176,9 @@ def read_options(cfg: PipelineConfig, context: DataContext) -> None:
     ``data.streaming.object_store_mb`` in flight, and no busy loop while that holds it back."""
     quiet(context)
     context.execution_options = ingest_options(cfg)
-    if WaitWhenIdle not in context.custom_execution_callback_classes:
-        context.custom_execution_callback_classes.append(WaitWhenIdle)
+    callbacks = context.custom_execution_callback_classes  # may be the global context's list: not mutated
+    if WaitWhenIdle not in callbacks:
+        context.custom_execution_callback_classes = [*callbacks, WaitWhenIdle]
 
 
 def ingest_options(cfg: PipelineConfig) -> ExecutionOptions:

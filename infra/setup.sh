@@ -1,14 +1,18 @@
 #!/usr/bin/env bash
-# Set up a fresh machine: Fashion-MNIST from Debian, then .venv with the locked versions.
+# Set up a fresh machine: Fashion-MNIST and jemalloc from Debian, then .venv with the locked versions.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 FMNIST_DIR=/usr/share/datasets/fashion-mnist
-if [ ! -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ]; then
-  echo "setup: installing Debian's dataset-fashion-mnist into $FMNIST_DIR"
+# jemalloc: the allocator of Ray's workers (ray.worker_allocator); without it they use the system's.
+missing=()
+[ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
+ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || missing+=(libjemalloc2)
+if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "setup: installing Debian's ${missing[*]}"
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq dataset-fashion-mnist
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
 fi
 
 PYTHON=${PYTHON:-python3.11}

@@ -319,6 +319,9 @@ class RayConfig(_Section):
     storage_endpoint_url: str | None = None  # an S3-compatible store, e.g. http://127.0.0.1:8333
     max_failures: Annotated[int, Field(ge=-1)] = 2  # worker-group restarts; -1: no limit
     keep_checkpoints: Annotated[int, Field(gt=0)] = 2
+    # malloc of every Ray worker: jemalloc keeping freed pages (tasks.cluster.worker_env); auto: when
+    # this machine has libjemalloc.so.2, else the system's
+    worker_allocator: Literal["auto", "jemalloc", "system"] = "auto"
 
     @field_validator("storage_path")
     @classmethod

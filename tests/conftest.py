@@ -1,4 +1,3 @@
-import logging
 import os
 from pathlib import Path
 
@@ -60,18 +59,14 @@ def mlflow_server(request: pytest.FixtureRequest, s3_server, tmp_path_factory: p
 
 @pytest.fixture(scope="session")
 def ray_cluster() -> str:
-    """A local Ray shared by the session's tests (``tasks.cluster.connect`` joins it); its address."""
+    """A local Ray shared by the session's tests, started as the pipeline starts it
+    (``tasks.cluster.connect``, which later calls join); its address."""
     import ray
 
-    if ray.is_initialized():  # a test before started it through tasks.cluster.connect
-        yield ray.get_runtime_context().gcs_address
-        return
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level=logging.WARNING,
-        logging_config=ray.LoggingConfig(log_level="ERROR"),
-    )
+    from tasks.cluster import connect
+    from tasks.config import load_config
+
+    connect(load_config(REPO / "params.yaml"))
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
 

@@ -125,3 +125,41 @@ def test_the_pipeline_on_two_ray_nodes_streams_the_shards_from_s3(
     for name in ("unlabeled", "labeled", "test"):
         recorded = (repo / "data" / f"{name}.dvc").read_text().split("md5: ")[1].split()[0]
         assert data[name]["dvc_md5"] == recorded
+
+
+def test_ray_workers_run_on_jemalloc_keeping_freed_pages(ray_cluster: str) -> None:
+    import ctypes.util
+
+    import ray
+
+    from tasks.cluster import JEMALLOC_CONF
+
+    if ctypes.util.find_library("jemalloc") is None:
+        pytest.fail("libjemalloc.so.2 is missing: run infra/setup.sh (apt-get install libjemalloc2)")
+
+    @ray.remote
+    def allocator() -> tuple[bool, str | None]:
+        return "libjemalloc" in Path("/proc/self/maps").read_text(), os.environ.get("MALLOC_CONF")
+
+    assert ray.get(allocator.remote()) == (True, JEMALLOC_CONF)
+
+
+def test_the_worker_allocator_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ctypes.util
+
+    from tasks.cluster import worker_env
+    from tasks.config import load_config
+
+    def config(choice: str):
+        return load_config(REPO / "params.yaml", overrides=[f"ray.worker_allocator={choice}"])
+
+    monkeypatch.delenv("MALLOC_CONF", raising=False)
+    monkeypatch.delenv("LD_PRELOAD", raising=False)
+    assert worker_env(config("system")) == {}
+    monkeypatch.setenv("MALLOC_CONF", "narenas:1")  # the user's own setting stays theirs
+    assert set(worker_env(config("jemalloc"))) == {"LD_PRELOAD"}
+
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)
+    assert worker_env(config("auto")) == {}
+    with pytest.raises(ValueError, match=r"ray.worker_allocator: jemalloc, but libjemalloc.so.2 is not"):
+        worker_env(config("jemalloc"))

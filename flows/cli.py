@@ -17,6 +17,7 @@ from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
 from tasks.config import PipelineConfig
+from tasks.evaluate import PairedGain
 
 app = typer.Typer(
     help="Self-supervised transfer learning: data -> pretraining -> evaluation -> registry.",
@@ -72,14 +73,20 @@ def results_table(output) -> Table:  # type: ignore[no-untyped-def]
     return table
 
 
-def print_sweep(cfg: PipelineConfig, output) -> dict[float, float]:  # type: ignore[no-untyped-def]
+def print_sweep(cfg: PipelineConfig, output) -> dict[float, PairedGain]:  # type: ignore[no-untyped-def]
     console.print(results_table(output))
     primary = cfg.evaluate.primary_protocol
     gains = output.gains_over_supervised(primary)
     for fraction, gain in sorted(gains.items()):
+        interval = (
+            f", 95% interval {100 * gain.interval[0]:+.1f} to {100 * gain.interval[1]:+.1f}"
+            if gain.interval
+            else ""
+        )
         console.print(
             f"At {fraction * 100:g}% labels, {primary} from the pretrained encoder is "
-            f"{100 * gain:+.1f} points over supervised from scratch (same labels, grid and budget)."
+            f"{100 * gain.mean:+.1f} points over supervised from scratch{interval} "
+            f"(paired over {len(gain.seeds)} seeds: each seed the same labels, grid and budget for both)."
         )
     stopped = sum(t.stopped_early for t in output.trials)
     console.print(
@@ -155,7 +162,10 @@ def _run_summary(cfg, pretraining, swept, outcome, gains, seconds) -> dict[str, 
         "trials": len(swept.sweep.trials),
         "stopped_early": sum(t.stopped_early for t in swept.sweep.trials),
         "primary_protocol": cfg.evaluate.primary_protocol,
-        "gain_over_supervised": {f"{f:g}": round(g, 4) for f, g in sorted(gains.items())},
+        "gain_over_supervised": {f"{f:g}": round(g.mean, 4) for f, g in sorted(gains.items())},
+        "gain_interval_95": {
+            f"{f:g}": [round(x, 4) for x in g.interval] for f, g in sorted(gains.items()) if g.interval
+        },
         "pretrain_run_id": pretraining.run_id,
         "sweep_run_id": swept.run_id,
         "model_version": outcome.version,

@@ -2,8 +2,10 @@
 
 A trial is one protocol (kNN or linear probe on frozen features, fine-tuning, or the
 supervised-from-scratch baseline) at one label fraction with one config and one seed. The
-label subsets are drawn from the labeled set minus a held-out validation split: trials report
-validation accuracy (what configs are picked and stopped on) and, at the end, test accuracy.
+label subsets are drawn from the labeled set minus a held-out validation split, each seed its
+own subset: trials report validation accuracy (what configs are picked and stopped on) and, at
+the end, test accuracy. A seed fixes a trial's label subset, initialisation and batch order, the
+same for every protocol, so protocols compare in pairs (same seed, same labels).
 Ray Tune runs the trials (``tasks/sweep.py``); ``evaluate_encoder`` runs each cell's base
 config once, in process.
 """
@@ -11,13 +13,14 @@ config once, in process.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy import stats
 from torch import nn
 
 from ssl_models import Encoder
@@ -36,7 +39,6 @@ from tasks.pretrain import build_encoder
 
 PROTOCOLS = ("knn", "linear", "finetune", "supervised")
 FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache serves them
-DETERMINISTIC = ("knn",)  # no seed enters kNN: repeating it over seeds would measure nothing
 Report = Callable[[dict[str, float]], None]
 
 
@@ -116,7 +118,7 @@ class EvalInputs:
     labels: torch.Tensor  # class index of every labeled image, in the dataset's order
     classes: tuple[str, ...]
     validation: torch.Tensor  # indices into the labeled set
-    splits: dict[float, torch.Tensor]  # label fraction -> indices into the labeled set
+    splits: dict[tuple[int, float], torch.Tensor]  # (seed, label fraction) -> indices into the labeled set
     held: torch.Tensor  # sorted indices of the labeled images held in ``held_images``
     held_images: torch.Tensor  # uint8 (len(held), C, H, W)
     test_labels: torch.Tensor
@@ -139,9 +141,14 @@ class EvalInputs:
 
 
 def label_splits(
-    labels: torch.Tensor, fractions: list[float], validation_size: int, seed: int
-) -> tuple[torch.Tensor, dict[float, torch.Tensor]]:
-    """A stratified validation split, and each label fraction of the rest (indices, sorted)."""
+    labels: torch.Tensor,
+    fractions: list[float],
+    validation_size: int,
+    seed: int,
+    subset_seeds: Sequence[int],
+) -> tuple[torch.Tensor, dict[tuple[int, float], torch.Tensor]]:
+    """A stratified validation split drawn with ``seed``, and for each of ``subset_seeds`` each label
+    fraction of the rest (indices, sorted); a seed's fractions are nested."""
     if validation_size >= len(labels):
         raise ValueError(
             f"evaluate.validation_size: {validation_size} is not below the {len(labels)} labeled images"
@@ -150,7 +157,11 @@ def label_splits(
     pool = torch.ones(len(labels), dtype=torch.bool)
     pool[validation] = False
     pool_idx = pool.nonzero().flatten()
-    splits = {f: pool_idx[stratified_subset(labels[pool_idx], f, seed)] for f in sorted(set(fractions))}
+    splits = {
+        (s, f): pool_idx[stratified_subset(labels[pool_idx], f, s)]
+        for s in subset_seeds
+        for f in sorted(set(fractions))
+    }
     return validation, splits
 
 
@@ -189,8 +200,9 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     ev = cfg.evaluate
     ids, labels = streaming.ids_and_labels(cfg, data.labeled)
     fractions = [*ev.label_fractions, *ev.finetune_fractions]
-    validation, splits = label_splits(labels, fractions, ev.validation_size, cfg.seed)
-    held = torch.cat([validation, *(splits[f] for f in ev.finetune_fractions)]).unique()  # sorted
+    validation, splits = label_splits(labels, fractions, ev.validation_size, cfg.seed, ev.seeds)
+    fine_tuned = [splits[s, f] for s in ev.seeds for f in ev.finetune_fractions]
+    held = torch.cat([validation, *fine_tuned]).unique()  # sorted
     held_images = streaming.read_images(
         cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
     ).images
@@ -215,8 +227,10 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     )
 
 
-def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, pretrained: bool) -> Encoder:
-    encoder = build_encoder(cfg, inputs.mean, inputs.std)
+def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, spec: TrialSpec) -> Encoder:
+    """The pretrained encoder, or (the supervised baseline) one initialised from the trial's seed."""
+    encoder = build_encoder(cfg.model_copy(update={"seed": spec.seed}), inputs.mean, inputs.std)
+    pretrained = spec.protocol != "supervised"
     if pretrained:
         encoder.load_state_dict(inputs.encoder_state)
     return encoder
@@ -250,7 +264,7 @@ def run_trial(
     """
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
-    idx = inputs.splits[spec.label_fraction]
+    idx = inputs.splits[spec.seed, spec.label_fraction]
     y = inputs.labels[idx]
     val_y, test_y = inputs.labels[inputs.validation], inputs.test_labels
     total_reports = 1 if spec.protocol == "knn" else cfg.evaluate.asha.reports
@@ -284,7 +298,7 @@ def run_trial(
             head = linear_probe(
                 train_x, y, inputs.num_classes, settings, eval_head, _eval_every(steps, total_reports)
             )
-            classifier_state = nn.Sequential(trial_encoder(cfg, inputs, pretrained=True), head).state_dict()
+            classifier_state = nn.Sequential(trial_encoder(cfg, inputs, spec), head).state_dict()
 
             def predict(x: torch.Tensor) -> torch.Tensor:
                 with torch.no_grad():
@@ -300,7 +314,7 @@ def run_trial(
             send(step, steps, accuracy(classify(model, val_images), val_y))
 
         model = finetune(
-            trial_encoder(cfg, inputs, pretrained=spec.protocol == "finetune"),
+            trial_encoder(cfg, inputs, spec),
             inputs.images(idx),
             y,
             inputs.num_classes,
@@ -352,6 +366,30 @@ class CellResult:
 
 
 @dataclass(frozen=True)
+class PairedGain:
+    """One protocol's test accuracy minus the baseline's over the seeds both ran (same labels, same
+    seed): the mean difference and its 95% Student-t interval (None with one seed)."""
+
+    mean: float
+    interval: tuple[float, float] | None
+    seeds: tuple[int, ...]
+
+    @classmethod
+    def of(cls, cell: CellResult, baseline: CellResult) -> PairedGain:
+        theirs = dict(zip(baseline.seeds, baseline.test_accuracies, strict=True))
+        ours = zip(cell.seeds, cell.test_accuracies, strict=True)
+        pairs = [(seed, a - theirs[seed]) for seed, a in ours if seed in theirs]
+        if not pairs:
+            raise ValueError(f"{cell.cell} and {baseline.cell} share no seed: nothing to pair")
+        seeds, differences = zip(*pairs, strict=True)
+        mean = float(np.mean(differences))
+        if len(differences) < 2:
+            return cls(mean, None, seeds)
+        half = float(stats.t.ppf(0.975, len(differences) - 1) * stats.sem(differences))
+        return cls(mean, (mean - half, mean + half), seeds)
+
+
+@dataclass(frozen=True)
 class LabelEfficiency:
     cells: tuple[CellResult, ...]
 
@@ -360,24 +398,28 @@ class LabelEfficiency:
             (c for c in self.cells if c.protocol == protocol and c.label_fraction == label_fraction), None
         )
 
-    def gains_over_supervised(self, protocol: str) -> dict[float, float]:
-        """Mean accuracy of ``protocol`` minus supervised-from-scratch, at each fraction that has both."""
+    def gains_over_supervised(self, protocol: str) -> dict[float, PairedGain]:
+        """``protocol`` minus supervised from scratch, paired by seed, at each fraction that has both."""
         gains = {}
         for c in self.cells:
             baseline = self.cell("supervised", c.label_fraction)
             if c.protocol == protocol and baseline is not None:
-                gains[c.label_fraction] = c.mean - baseline.mean
+                gains[c.label_fraction] = PairedGain.of(c, baseline)
         return gains
 
     def metrics(self) -> dict[str, float]:
-        """Per cell the mean and std of test accuracy, and each protocol's gain over scratch."""
+        """Per cell the mean and std of test accuracy; each protocol's paired gain over scratch and
+        its 95% interval (with two seeds or more)."""
         metrics = {}
         for c in self.cells:
             metrics[metric_name(c.protocol, c.label_fraction)] = c.mean
             metrics[metric_name(c.protocol, c.label_fraction) + "_std"] = c.std
         for protocol in PROTOCOLS[:-1]:  # all but the baseline itself
             for fraction, gain in self.gains_over_supervised(protocol).items():
-                metrics[f"gain_{protocol}_vs_supervised_{percent(fraction)}"] = gain
+                name = f"gain_{protocol}_vs_supervised_{percent(fraction)}"
+                metrics[name] = gain.mean
+                if gain.interval:
+                    metrics[name + "_ci_low"], metrics[name + "_ci_high"] = gain.interval
         return metrics
 
     def curve(self) -> list[dict[str, Any]]:
@@ -397,14 +439,14 @@ class LabelEfficiency:
 
 
 def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str) -> LabelEfficiency:
-    """Every cell once with its base config and ``cfg.seed``, in process: a quick fixed evaluation."""
+    """Every cell once with its base config and the first seed, in process: a quick fixed evaluation."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     inputs = eval_inputs(cfg, data, encoder_path)
     cells = []
-    for spec in trial_specs(cfg, cfg.seed, search=False):
+    for spec in trial_specs(cfg, cfg.evaluate.seeds[0], search=False):
         outcome = run_trial(cfg, spec, inputs)
-        num_labels = len(inputs.splits[spec.label_fraction])
+        num_labels = len(inputs.splits[spec.seed, spec.label_fraction])
         accuracies = ((outcome.test_accuracy,), (outcome.val_accuracy,))
         cells.append(
             CellResult(spec.protocol, spec.label_fraction, num_labels, {}, (spec.seed,), *accuracies)

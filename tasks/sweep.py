@@ -35,7 +35,6 @@ from tasks.cluster import connect
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
-    DETERMINISTIC,
     PROTOCOLS,
     CellResult,
     EvalInputs,
@@ -335,7 +334,6 @@ def run_sweep(
     repeat_specs = [
         TrialSpec(r.spec.protocol, r.spec.label_fraction, seed, r.spec.params, r.spec.searched)
         for r in selected.values()
-        if r.spec.protocol not in DETERMINISTIC
         for seed in other_seeds
     ]
     if repeat_specs:
@@ -352,7 +350,7 @@ def run_sweep(
             CellResult(
                 best.spec.protocol,
                 best.spec.label_fraction,
-                len(inputs.splits[best.spec.label_fraction]),
+                len(inputs.splits[best.spec.seed, best.spec.label_fraction]),
                 {k: best.spec.params[k] for k in best.spec.searched},
                 tuple(r.spec.seed for r in runs_of_cell),
                 tuple(float(r.test_accuracy) for r in runs_of_cell),  # type: ignore[arg-type]
@@ -392,6 +390,6 @@ def _save_best(cfg: PipelineConfig, inputs: EvalInputs, best: TrialRecord, folde
     (folder / "label_splits.json").write_text(
         json.dumps(
             {"validation": inputs.validation.tolist()}
-            | {str(f): i.tolist() for f, i in inputs.splits.items()}
+            | {f"seed{s}-{f:g}": i.tolist() for (s, f), i in inputs.splits.items()}
         )
     )

@@ -20,7 +20,14 @@ from ssl_models.evaluate import extract_features
 from tasks import evaluate, plots, progress, tracking
 from tasks.config import PipelineConfig, load_config
 from tasks.data import PreparedData, ingest_and_prepare
-from tasks.evaluate import eval_inputs, feature_cache_path, label_splits, trial_specs
+from tasks.evaluate import (
+    TrialSpec,
+    eval_inputs,
+    feature_cache_path,
+    label_splits,
+    trial_encoder,
+    trial_specs,
+)
 from tasks.pretrain import build_encoder
 from tasks.streaming import read_images
 from tasks.sweep import run_sweep
@@ -155,16 +162,22 @@ def test_asha_stops_a_trial_with_a_bad_learning_rate_before_its_budget(
     assert all(not t.stopped_early for t in output.trials if t.spec.protocol in ("knn", "linear"))
 
 
-def test_label_splits_are_disjoint_from_validation_stratified_and_nested(fashion_mnist_dir: Path) -> None:
+def test_label_splits_are_disjoint_from_validation_stratified_nested_and_drawn_per_seed(
+    fashion_mnist_dir: Path,
+) -> None:
     labels = torch.arange(10).repeat_interleave(100)
-    validation, splits = label_splits(labels, [0.1, 0.5, 1.0], 200, seed=0)
+    validation, splits = label_splits(labels, [0.1, 0.5, 1.0], 200, seed=0, subset_seeds=[0, 1])
     assert len(validation) == 200 and torch.bincount(labels[validation]).tolist() == [20] * 10
-    for fraction, idx in splits.items():
+    assert set(splits) == {(s, f) for s in (0, 1) for f in (0.1, 0.5, 1.0)}
+    for (_, fraction), idx in splits.items():
         assert not set(idx.tolist()) & set(validation.tolist())
         assert torch.bincount(labels[idx]).tolist() == [round(fraction * 80)] * 10
-    assert len(splits[1.0]) == 800
+    for seed in (0, 1):
+        assert set(splits[seed, 0.1].tolist()) < set(splits[seed, 0.5].tolist())
+    assert not torch.equal(splits[0, 0.1], splits[1, 0.1])  # each seed its own labels
+    assert torch.equal(splits[0, 1.0], splits[1, 1.0]) and len(splits[0, 1.0]) == 800
     with pytest.raises(ValueError, match=r"evaluate.validation_size: 1000 is not below the 1000"):
-        label_splits(labels, [0.1], 1000, seed=0)
+        label_splits(labels, [0.1], 1000, seed=0, subset_seeds=[0])
 
 
 def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_datasets(
@@ -184,12 +197,18 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
     assert torch.allclose(inputs.features.labeled, extract_features(model, labeled.images), atol=1e-5)
     assert torch.allclose(inputs.features.test, extract_features(model, test.images), atol=1e-5)
     assert torch.equal(inputs.labels, labeled.labels) and torch.equal(inputs.test_labels, test.labels)
-    # Images are held for the validation split and the fine-tuning split only, and are the right ones.
-    finetune = inputs.splits[0.1]
-    assert (
-        len(inputs.held) == len(set(inputs.validation.tolist()) | set(finetune.tolist())) < len(inputs.labels)
-    )
-    assert torch.equal(inputs.images(finetune), labeled.images[finetune])
+    # Images are held for the validation split and each seed's fine-tuning split only, and are the right ones.
+    seeds = cfg.evaluate.seeds
+    finetune = [inputs.splits[seed, 0.1] for seed in seeds]
+    assert len(seeds) > 1 and not torch.equal(finetune[0], finetune[1])
+    held = set(inputs.validation.tolist()).union(*(set(idx.tolist()) for idx in finetune))
+    assert len(inputs.held) == len(held) < len(inputs.labels)
+    assert torch.equal(inputs.images(finetune[1]), labeled.images[finetune[1]])
+    # Each seed starts the baseline from its own initialisation; the pretrained arm from the encoder.
+    specs = {(p, s): TrialSpec(p, 0.1, s, {}) for p in ("supervised", "finetune") for s in seeds[:2]}
+    weights = {k: next(trial_encoder(cfg, inputs, spec).parameters()) for k, spec in specs.items()}
+    assert not torch.equal(weights["supervised", seeds[0]], weights["supervised", seeds[1]])
+    assert torch.equal(weights["finetune", seeds[0]], weights["finetune", seeds[1]])
     assert torch.equal(torch.cat([images for images, _ in inputs.test_batches()]), test.images)
 
     calls = []

@@ -1,4 +1,6 @@
-from tasks.evaluate import CellResult, LabelEfficiency, metric_name
+import pytest
+
+from tasks.evaluate import CellResult, LabelEfficiency, PairedGain, metric_name
 
 
 def cell(protocol: str, fraction: float, *accuracies: float) -> CellResult:
@@ -22,8 +24,8 @@ def test_gain_over_supervised_only_where_both_were_measured() -> None:
         )
     )
     gains = evaluation.gains_over_supervised("finetune")
-    assert list(gains) == [0.01] and abs(gains[0.01] - 0.03) < 1e-9
-    assert abs(evaluation.gains_over_supervised("linear")[0.01] + 0.01) < 1e-9
+    assert list(gains) == [0.01] and abs(gains[0.01].mean - 0.03) < 1e-9 and gains[0.01].interval is None
+    assert abs(evaluation.gains_over_supervised("linear")[0.01].mean + 0.01) < 1e-9
     metrics = evaluation.metrics()
     assert metrics["linear_top1_100pct"] == 0.86
     assert abs(metrics["gain_linear_vs_supervised_1pct"] + 0.01) < 1e-9
@@ -36,3 +38,18 @@ def test_a_cell_reports_mean_and_sample_std_over_its_seeds() -> None:
     assert cell("knn", 0.1, 0.75).std == 0.0
     point = LabelEfficiency((three,)).curve()[0]
     assert (point["n"], point["mean"], point["std"]) == (3, three.mean, three.std)
+
+
+def test_a_gain_pairs_the_seeds_and_has_a_student_t_interval() -> None:
+    ours = CellResult("finetune", 0.01, 600, {}, (0, 1, 2, 3), (0.83, 0.85, 0.84, 0.90), (0.0,) * 4)
+    # The baseline's seeds in another order, and seed 3 missing: pairs are by seed, 3 is left out.
+    baseline = CellResult("supervised", 0.01, 600, {}, (2, 0, 1), (0.82, 0.80, 0.81), (0.0,) * 3)
+    gain = PairedGain.of(ours, baseline)
+    assert gain.seeds == (0, 1, 2) and gain.mean == pytest.approx(0.03)
+    # Differences 0.03, 0.04, 0.02: sd 0.01, t(0.975, 2 df) = 4.3027.
+    half = 4.302653 * 0.01 / 3**0.5
+    assert gain.interval == pytest.approx((0.03 - half, 0.03 + half))
+    metrics = LabelEfficiency((ours, baseline)).metrics()
+    assert metrics["gain_finetune_vs_supervised_1pct_ci_low"] == pytest.approx(0.03 - half)
+    with pytest.raises(ValueError, match="share no seed"):
+        PairedGain.of(ours, CellResult("supervised", 0.01, 600, {}, (9,), (0.8,), (0.0,)))

@@ -15,8 +15,8 @@ from tasks.config import PipelineConfig
 JEMALLOC = "libjemalloc.so.2"
 # Freed pages stay with the process for reuse: PyTorch frees and reallocates its activation
 # buffers every step, and memory handed back to the OS costs a page fault per page on the next
-# one (glibc mmaps every buffer above 32 MB): the CPU step ran 2x faster this way
-# (bench/results/allocator.json). A worker's memory stays at its peak, which it reaches every step.
+# one (glibc maps and unmaps its large buffers): a 96 px training epoch on the CPU ran 1.65x faster
+# this way (bench/results/allocator.json). A worker's memory stays at its peak, reached every step.
 JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 
 

@@ -230,8 +230,7 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
 def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, spec: TrialSpec) -> Encoder:
     """The pretrained encoder, or (the supervised baseline) one initialised from the trial's seed."""
     encoder = build_encoder(cfg.model_copy(update={"seed": spec.seed}), inputs.mean, inputs.std)
-    pretrained = spec.protocol != "supervised"
-    if pretrained:
+    if spec.protocol != "supervised":
         encoder.load_state_dict(inputs.encoder_state)
     return encoder
 

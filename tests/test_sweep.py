@@ -76,7 +76,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
         ("supervised", 0.1),
     }
     search = trial_specs(cfg, 0)
-    repeats = [c for c in output.cells if c.protocol != "knn"]  # kNN has no seed to repeat
+    repeats = [(c.cell, seed) for c in output.cells for seed in cfg.evaluate.seeds[1:]]  # kNN too
     assert len(output.trials) == len(search) + len(repeats)
     # The progress bars' feed: each finished trial, counted per phase, up to the phase's size.
     for phase, size in (("search", len(search)), ("repeat", len(repeats))):
@@ -109,7 +109,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
             if r.data.tags["sweep.cell"] == cell and r.data.tags.get("sweep.selected") == "true"
         ]
         accuracies = [r.data.metrics["test_accuracy"] for r in selected]
-        assert len(accuracies) == point["n"] == (1 if point["protocol"] == "knn" else 2), cell
+        assert len(accuracies) == point["n"] == len(cfg.evaluate.seeds), cell
         assert sorted(int(r.data.params["seed"]) for r in selected) == list(range(point["n"]))
         assert point["mean"] == pytest.approx(np.mean(accuracies), abs=1e-9), cell
         assert point["std"] == pytest.approx(np.std(accuracies, ddof=1) if len(accuracies) > 1 else 0.0), cell

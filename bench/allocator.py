@@ -9,7 +9,7 @@ Ray Data), each run a driver process of its own, since the allocator is set when
 
 Each run is two epochs; images/s is the second's; peak RSS and PSS are the process tree's.
 
-    .venv/bin/python -m bench.allocator [--rounds 2] [--photos 3072]
+    .venv/bin/python -m bench.allocator [--rounds 2] [--photos 2048]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.overhead import measure
-from bench.scale import EPOCH_SETTINGS
+from bench.scale import EPOCH_SETTINGS, _last_json
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = Path(__file__).parent / "results" / "allocator.json"
@@ -51,7 +51,7 @@ def epoch(workload: str, allocator: str, storage: Path) -> None:
         s = summarize(WORK / "photos-data")
         ref = DatasetRef("unlabeled", s.folder, s.digest, s.num_images, (), s.shards, s.bytes)
         data = PreparedData(ref, ref, ref, s.mean, s.std)
-    print(json.dumps(pretrain_encoder(cfg, data).history))
+    print(json.dumps({"history": pretrain_encoder(cfg, data).history}))
 
 
 def prepare(photos: int) -> None:
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--photos", type=int, default=3072)
+    parser.add_argument("--photos", type=int, default=2048)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     shutil.rmtree(WORK, ignore_errors=True)
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> None:
                 measured = measure([*command, str(WORK / "ray" / name)], WORK / f"{name}.log")
                 if measured.returncode != 0:
                     raise RuntimeError(f"{name} failed:\n" + "\n".join(measured.tail))
-                lines = (WORK / f"{name}.log").read_text().splitlines()
-                history = json.loads([line for line in lines if line.startswith("[{")][-1])
+                history = _last_json((WORK / f"{name}.log").read_text())["history"]
                 runs.append(
                     {
                         "workload": workload,

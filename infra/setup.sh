@@ -8,11 +8,16 @@ FMNIST_DIR=/usr/share/datasets/fashion-mnist
 missing=()
 [ -f "$FMNIST_DIR/train-images-idx3-ubyte.gz" ] || missing+=(dataset-fashion-mnist)
 ldconfig -p 2>/dev/null | grep -q libjemalloc.so.2 || missing+=(libjemalloc2)
-if [ ${#missing[@]} -gt 0 ] && command -v apt-get >/dev/null 2>&1; then
-  echo "setup: installing Debian's ${missing[*]}"
-  SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+if [ ${#missing[@]} -gt 0 ]; then
+  if ! command -v apt-get >/dev/null 2>&1; then
+    echo "setup: apt-get not found: install ${missing[*]} yourself (or put Fashion-MNIST's IDX files" \
+      "where data.fashion_mnist_dir points); jemalloc is optional" >&2
+  else
+    echo "setup: installing Debian's ${missing[*]}"
+    SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+    $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}"
+  fi
 fi
 
 PYTHON=${PYTHON:-python3.11}

@@ -28,7 +28,7 @@ from ssl_models import METHODS, create_method
 from ssl_models.train import TrainSettings, pretrain
 from tasks.config import PipelineConfig, load_config
 from tasks.data import ingest_and_prepare
-from tasks.evaluate import evaluate_encoder
+from tasks.evaluate import LabelBudget, evaluate_encoder
 from tasks.pretrain import build_encoder, pretrain_encoder
 from tasks.streaming import read_images
 
@@ -55,6 +55,7 @@ def method_config(base: PipelineConfig, name: str, epochs: int) -> PipelineConfi
             f"model.backbone={BACKBONE.get(name, base.model.backbone)}",
             "evaluate.label_fractions=[0.01, 0.1]",
             "evaluate.finetune_fractions=[]",
+            "evaluate.labels_per_class=[]",
             "evaluate.primary_protocol=linear",
         ],
     )
@@ -101,7 +102,7 @@ def main() -> None:
         }
         for fraction in (0.01, 0.1):
             for protocol in ("knn", "linear"):
-                cell = evaluation.cell(protocol, fraction)
+                cell = evaluation.cell(protocol, LabelBudget(fraction=fraction))
                 row[f"{protocol}_{round(fraction * 100)}pct"] = round(100 * cell.mean, 1) if cell else None
         rows.append(row)
         print(json.dumps(row), flush=True)

@@ -48,6 +48,7 @@ CLI = [sys.executable, "-m", "flows.cli"]
 SAME_WORK = [
     "evaluate.label_fractions=[0.01]",
     "evaluate.finetune_fractions=[]",
+    "evaluate.labels_per_class=[]",
     "evaluate.primary_protocol=linear",
     "evaluate.seeds=[0]",
     "evaluate.search.knn={k: [200]}",
@@ -237,8 +238,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "in_process_seconds": run_report.get("wall_seconds"),
             "sweep_seconds": run_report.get("sweep_seconds"),
             "accuracy": {
-                f"{a['protocol']}-{a['label_fraction']:g}": round(a["mean"], 4)
-                for a in run_report.get("accuracy", [])
+                f"{a['protocol']}-{a['budget']}": round(a["mean"], 4) for a in run_report.get("accuracy", [])
             },
         },
         "ratio": round(ratio, 3),

@@ -9,8 +9,9 @@ heads and losses (``bench.lightly_peer``).
 
 Both encoders, and supervised training from scratch on the same labels, are evaluated by the
 same code (``tasks.evaluate.run_trial``): kNN and a linear probe on frozen features at 1% and
-10% of the labels. Each cell picks its config on the validation split (the sweep's grid,
-``evaluate.search``), then runs it with every seed; test accuracy is mean +- std over seeds.
+10% of the labels. Each cell picks its config (the sweep's grid, ``evaluate.search``) on its
+selection labels (``evaluate.selection``), then runs it with every seed; test accuracy is mean +-
+std over seeds.
 
 Throughput is measured apart, ours and LightlySSL's interleaved on the same images after
 warm-up steps, LightlySSL with each worker count of ``--workers`` (its best is the peer's figure).
@@ -46,7 +47,7 @@ from ssl_models import create_method
 from ssl_models.train import pretrain
 from tasks.config import PipelineConfig, load_config
 from tasks.data import PreparedData, ingest_and_prepare
-from tasks.evaluate import EvalInputs, TrialSpec, eval_inputs, run_trial
+from tasks.evaluate import EvalInputs, LabelBudget, TrialSpec, eval_inputs, run_trial
 from tasks.pretrain import build_encoder, save_encoder
 from tasks.streaming import read_images
 
@@ -60,6 +61,7 @@ def bench_config(profile: str, epochs: int | None, overrides: list[str]) -> Pipe
     sets = [
         f"evaluate.label_fractions={list(FRACTIONS)}",
         f"evaluate.finetune_fractions={list(FRACTIONS)}",
+        "evaluate.labels_per_class=[]",
         *([f"pretrain.epochs={epochs}"] if epochs else []),
         *overrides,
     ]
@@ -127,17 +129,18 @@ def select_and_run(
     cfg: PipelineConfig, inputs: EvalInputs, protocol: str, fraction: float, seeds: list[int]
 ) -> dict[str, Any]:
     """The grid point with the best validation accuracy (first seed), then every seed with it."""
+    budget = LabelBudget(fraction=fraction)
     section = "finetune" if protocol == "supervised" else protocol
     searched = tuple(k for k, v in getattr(cfg.evaluate.search, section).items() if len(v) > 1)
     trials = [
-        (point, run_trial(cfg, TrialSpec(protocol, fraction, seeds[0], point, searched), inputs))
+        (point, run_trial(cfg, TrialSpec(protocol, budget, seeds[0], point, searched), inputs))
         for point in cfg.evaluate.grid(protocol)
     ]
     best, first = max(trials, key=lambda t: t[1].val_accuracy)
     outcomes = [first]
     if protocol != "knn":  # kNN has no seed
         outcomes += [
-            run_trial(cfg, TrialSpec(protocol, fraction, s, best, searched), inputs) for s in seeds[1:]
+            run_trial(cfg, TrialSpec(protocol, budget, s, best, searched), inputs) for s in seeds[1:]
         ]
     accuracies = [100 * o.test_accuracy for o in outcomes]
     return {

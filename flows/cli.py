@@ -16,8 +16,8 @@ from rich.table import Table
 from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
-from tasks.config import PipelineConfig
-from tasks.evaluate import PairedGain
+from tasks.config import EvaluateConfig, PipelineConfig
+from tasks.evaluate import LabelBudget, PairedGain
 
 app = typer.Typer(
     help="Self-supervised transfer learning: data -> pretraining -> evaluation -> registry.",
@@ -54,37 +54,45 @@ def prepare_environment(cfg: PipelineConfig) -> None:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 
-def results_table(output) -> Table:  # type: ignore[no-untyped-def]
-    """A sweep's cells: test accuracy mean +- std over seeds, per label fraction and protocol."""
-    table = Table(title=f"Test accuracy (top-1), mean ± std over seeds; {output.name}")
+def results_table(output, ev: EvaluateConfig) -> Table:  # type: ignore[no-untyped-def]
+    """A sweep's cells: test accuracy mean +- std over seeds, per label budget and protocol."""
+    selection = (
+        f"{ev.selection_share:.0%} of them held out to pick configs on"
+        if ev.selection == "budget"
+        else f"the {ev.validation_size}-label validation split configs are picked on included"
+    )
+    table = Table(
+        title=f"Test accuracy (top-1), mean ± std over seeds; {output.name}",
+        caption=f"labels: every label a cell used ({selection})",
+    )
     for column in ("labels", "kNN", "linear probe", "fine-tune", "supervised (scratch)"):
         table.add_column(column, justify="right")
-    for fraction in sorted({c.label_fraction for c in output.cells}):
+    for budget in sorted({c.budget for c in output.cells}, key=LabelBudget.sort_key):
         cells = {
             c.protocol: f"{100 * c.mean:.1f}" + (f" ± {100 * c.std:.1f}" if len(c.seeds) > 1 else "")
             for c in output.cells
-            if c.label_fraction == fraction
+            if c.budget == budget
         }
-        n = next(c.num_labels for c in output.cells if c.label_fraction == fraction)
+        n = next(c.num_labels for c in output.cells if c.budget == budget)
         table.add_row(
-            f"{fraction * 100:g}% ({n})",
+            f"{budget} ({n})",
             *(cells.get(p, "-") for p in ("knn", "linear", "finetune", "supervised")),
         )
     return table
 
 
-def print_sweep(cfg: PipelineConfig, output) -> dict[float, PairedGain]:  # type: ignore[no-untyped-def]
-    console.print(results_table(output))
+def print_sweep(cfg: PipelineConfig, output) -> dict[LabelBudget, PairedGain]:  # type: ignore[no-untyped-def]
+    console.print(results_table(output, cfg.evaluate))
     primary = cfg.evaluate.primary_protocol
     gains = output.gains_over_supervised(primary)
-    for fraction, gain in sorted(gains.items()):
+    for budget, gain in sorted(gains.items(), key=lambda item: item[0].sort_key()):
         interval = (
             f", 95% interval {100 * gain.interval[0]:+.1f} to {100 * gain.interval[1]:+.1f}"
             if gain.interval
             else ""
         )
         console.print(
-            f"At {fraction * 100:g}% labels, {primary} from the pretrained encoder is "
+            f"With {budget.phrase}, {primary} from the pretrained encoder is "
             f"{100 * gain.mean:+.1f} points over supervised from scratch{interval} "
             f"(paired over {len(gain.seeds)} seeds: each seed the same labels, grid and budget for both)."
         )
@@ -162,9 +170,9 @@ def _run_summary(cfg, pretraining, swept, outcome, gains, seconds) -> dict[str, 
         "trials": len(swept.sweep.trials),
         "stopped_early": sum(t.stopped_early for t in swept.sweep.trials),
         "primary_protocol": cfg.evaluate.primary_protocol,
-        "gain_over_supervised": {f"{f:g}": round(g.mean, 4) for f, g in sorted(gains.items())},
+        "gain_over_supervised": {b.name: round(g.mean, 4) for b, g in gains.items()},
         "gain_interval_95": {
-            f"{f:g}": [round(x, 4) for x in g.interval] for f, g in sorted(gains.items()) if g.interval
+            b.name: [round(x, 4) for x in g.interval] for b, g in gains.items() if g.interval
         },
         "pretrain_run_id": pretraining.run_id,
         "sweep_run_id": swept.run_id,

@@ -162,7 +162,7 @@ def _files_exist(result: data.PreparedData | PretrainingResult | SweepResult) ->
     elif isinstance(result, PretrainingResult):
         paths = [result.pretrain.encoder_path, result.pretrain.checkpoint_path]
     else:
-        paths = [str(result.sweep.best_model_path), str(result.sweep.figure_data_path)]
+        paths = [str(result.sweep.best_model_path), str(result.sweep.test_predictions_path)]
     return all(Path(p).exists() for p in paths)
 
 
@@ -296,7 +296,7 @@ def _promotion(
         "sweep.best_cell": swept.sweep.best_cell,
     }
     output = swept.sweep
-    evaluation = evaluate_model(output.figure_data_path, output.classes, prepared.test)
+    evaluation = evaluate_model(output.test_predictions_path, prepared.test)
     weights = hash_weights(output.best_model_path)
     return register_and_gate(cfg, swept.model_uri, swept.run_id, tags, evaluation, weights)
 

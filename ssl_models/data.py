@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -101,10 +102,22 @@ def stratified_subset(labels: torch.Tensor, fraction: float, seed: int) -> torch
     """Sorted indices of a seeded, class-stratified ``fraction`` of ``labels`` (>= 1 per class)."""
     if not 0 < fraction <= 1:
         raise ValueError(f"label fraction must be in (0, 1], got {fraction}")
+    return _each_class(labels, seed, lambda members: max(1, round(fraction * members)))
+
+
+def per_class_subset(labels: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """Sorted indices of ``count`` seeded images of each class of ``labels`` (every one of a class
+    with fewer). With the same seed it is nested with ``stratified_subset``'s draws."""
+    if count < 1:
+        raise ValueError(f"labels per class must be at least 1, got {count}")
+    return _each_class(labels, seed, lambda members: min(count, members))
+
+
+def _each_class(labels: torch.Tensor, seed: int, size: Callable[[int], int]) -> torch.Tensor:
+    """The first ``size(n)`` of a seeded permutation of each class's ``n`` members, sorted."""
     g = torch.Generator().manual_seed(seed)
     chosen = []
     for c in labels.unique():
         members = (labels == c).nonzero().flatten()
-        k = max(1, round(fraction * len(members)))
-        chosen.append(members[torch.randperm(len(members), generator=g)[:k]])
+        chosen.append(members[torch.randperm(len(members), generator=g)[: size(len(members))]])
     return torch.cat(chosen).sort().values

@@ -261,10 +261,17 @@ class AshaConfig(_Section):
 
 
 class EvaluateConfig(_Section):
+    labels_per_class: list[Annotated[int, Field(gt=0)]] = [10]  # budgets of every protocol
     label_fractions: list[Fraction] = Field(default=[0.01, 0.1, 1.0], min_length=1)
     finetune_fractions: list[Fraction] = [0.01, 0.1]
     primary_protocol: Literal["linear", "finetune"] = "finetune"
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1)
+    # What configs are picked and trials stopped on. budget: a stratified share (selection_share)
+    # of each cell's own labels, which it then does not train on: a cell uses its budget and
+    # nothing more. validation: one split of validation_size labels outside every budget, shared
+    # by all cells (the labels column then counts it too).
+    selection: Literal["budget", "validation"] = "budget"
+    selection_share: Annotated[float, Field(gt=0, lt=1)] = 0.2
     validation_size: Annotated[int, Field(gt=0)] = 5000
     knn: KnnConfig = KnnConfig()
     linear: LinearProbeConfig = LinearProbeConfig()
@@ -277,8 +284,10 @@ class EvaluateConfig(_Section):
 
     @model_validator(mode="after")
     def _primary_evaluated(self) -> EvaluateConfig:
-        if self.primary_protocol == "finetune" and not self.finetune_fractions:
-            raise ValueError("primary_protocol 'finetune' needs at least one finetune_fractions entry")
+        if self.primary_protocol == "finetune" and not (self.finetune_fractions or self.labels_per_class):
+            raise ValueError(
+                "primary_protocol 'finetune' needs at least one finetune_fractions or labels_per_class entry"
+            )
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: repeated seed in {self.seeds}")
         return self
@@ -306,6 +315,9 @@ class PromotionConfig(_Section):
 
     margin: Probability = 0.002  # test accuracy must rise by at least this much (and by more than 0)
     class_tolerance: Probability = 0.02  # no class's test accuracy may fall by more than this
+    # how sure the gate must be (one-sided exact McNemar test on the same test images) that the
+    # challenger is better, and that a class losing more than the tolerance really does
+    confidence: Annotated[float, Field(gt=0, lt=1)] = 0.95
 
 
 class RayConfig(_Section):

@@ -1,11 +1,13 @@
 """Label-efficient evaluation of a pretrained encoder, one trial at a time.
 
 A trial is one protocol (kNN or linear probe on frozen features, fine-tuning, or the
-supervised-from-scratch baseline) at one label fraction with one config and one seed. The
-label subsets are drawn from the labeled set minus a held-out validation split, each seed its
-own subset: trials report validation accuracy (what configs are picked and stopped on) and, at
-the end, test accuracy. A seed fixes a trial's label subset, initialisation and batch order, the
-same for every protocol, so protocols compare in pairs (same seed, same labels).
+supervised-from-scratch baseline) at one label budget (a fraction of the labeled set, or a
+number of labels a class) with one config and one seed. Each seed draws its own labels for
+each budget (``label_splits``); a trial trains on part of them and reports validation accuracy
+(what configs are picked and stopped on) on the rest, or on a separate validation split
+(``evaluate.selection``), and, at the end, test accuracy. A seed fixes a trial's labels,
+initialisation and batch order, the same for every protocol, so protocols compare in pairs
+(same seed, same labels).
 Ray Tune runs the trials (``tasks/sweep.py``); ``evaluate_encoder`` runs each cell's base
 config once, in process.
 """
@@ -13,7 +15,7 @@ config once, in process.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from scipy import stats
 from torch import nn
 
 from ssl_models import Encoder
-from ssl_models.data import stratified_subset
+from ssl_models.data import per_class_subset, stratified_subset
 from ssl_models.evaluate import (
     accuracy,
     classify,
@@ -33,7 +35,7 @@ from ssl_models.evaluate import (
     linear_probe,
 )
 from tasks import streaming
-from tasks.config import FinetuneConfig, LinearProbeConfig, PipelineConfig
+from tasks.config import EvaluateConfig, FinetuneConfig, LinearProbeConfig, PipelineConfig
 from tasks.data import PreparedData
 from tasks.pretrain import build_encoder
 
@@ -42,32 +44,68 @@ FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache se
 Report = Callable[[dict[str, float]], None]
 
 
-def percent(label_fraction: float) -> str:
-    """E.g. ``1pct``, ``0_5pct``: a metric-name-safe label fraction."""
-    return f"{label_fraction * 100:g}pct".replace(".", "_")
+@dataclass(frozen=True)
+class LabelBudget:
+    """The labels a cell gets, stratified by class: a fraction of the labeled set, or a number of
+    each class (exactly one of the two)."""
+
+    fraction: float | None = None
+    per_class: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.fraction is None) == (self.per_class is None):
+            raise ValueError("a label budget is a fraction or a number of labels a class, exactly one")
+
+    @property
+    def name(self) -> str:
+        """Metric-name safe: ``1pct``, ``0_5pct``, ``10_per_class``."""
+        return f"{self.per_class}_per_class" if self.per_class else f"{self._percent:g}pct".replace(".", "_")
+
+    def __str__(self) -> str:
+        """For tables: ``1%``, ``10 a class``."""
+        return f"{self.per_class} a class" if self.per_class else f"{self._percent:g}%"
+
+    @property
+    def phrase(self) -> str:
+        """For sentences: ``1% of the labels``, ``10 labels a class``."""
+        return f"{self.per_class} labels a class" if self.per_class else f"{self} of the labels"
+
+    def sort_key(self) -> tuple[bool, float]:
+        """Labels per class first (the scarce budgets), then fractions, each ascending."""
+        return (self.per_class is None, float(self.per_class or self.fraction or 0))
+
+    def draw(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        """Sorted indices into ``labels``; with one seed, a seed's budgets are nested."""
+        if self.per_class:
+            return per_class_subset(labels, self.per_class, seed)
+        return stratified_subset(labels, self._percent / 100, seed)
+
+    @property
+    def _percent(self) -> float:
+        return 100 * (self.fraction or 0.0)
 
 
-def cell_name(protocol: str, label_fraction: float) -> str:
-    """E.g. ``linear-1pct``: a (protocol, label fraction) cell of the sweep."""
-    return f"{protocol}-{percent(label_fraction)}"
+def cell_name(protocol: str, budget: LabelBudget) -> str:
+    """E.g. ``linear-1pct``, ``finetune-10_per_class``: a (protocol, label budget) cell of the sweep."""
+    return f"{protocol}-{budget.name}"
 
 
-def metric_name(protocol: str, label_fraction: float) -> str:
-    """E.g. ``knn_top1_1pct`` or ``linear_top1_100pct``."""
-    return f"{protocol}_top1_{percent(label_fraction)}"
+def metric_name(protocol: str, budget: LabelBudget) -> str:
+    """E.g. ``knn_top1_1pct``, ``linear_top1_100pct``, ``finetune_top1_10_per_class``."""
+    return f"{protocol}_top1_{budget.name}"
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     protocol: str  # knn | linear | finetune | supervised
-    label_fraction: float
+    budget: LabelBudget
     seed: int
     params: dict[str, Any]  # the protocol's config section (evaluate.knn / linear / finetune)
     searched: tuple[str, ...] = ()  # the keys the sweep varies: they name the trial
 
     @property
     def cell(self) -> str:
-        return cell_name(self.protocol, self.label_fraction)
+        return cell_name(self.protocol, self.budget)
 
     @property
     def name(self) -> str:
@@ -75,25 +113,25 @@ class TrialSpec:
         return f"{self.cell}{varied}-seed{self.seed}"
 
 
-def protocol_fractions(cfg: PipelineConfig) -> dict[str, list[float]]:
-    ev = cfg.evaluate
-    fine = sorted(ev.finetune_fractions)
-    return {"knn": sorted(ev.label_fractions), "linear": sorted(ev.label_fractions)} | {
-        "finetune": fine,
-        "supervised": fine,
-    }
+def protocol_budgets(ev: EvaluateConfig) -> dict[str, list[LabelBudget]]:
+    """Each protocol's label budgets: ``labels_per_class`` for all, then kNN and the linear probe at
+    ``label_fractions``, fine-tuning and the baseline at ``finetune_fractions``."""
+    per_class = [LabelBudget(per_class=n) for n in sorted(set(ev.labels_per_class))]
+    frozen = per_class + [LabelBudget(fraction=f) for f in sorted(set(ev.label_fractions))]
+    trained = per_class + [LabelBudget(fraction=f) for f in sorted(set(ev.finetune_fractions))]
+    return {"knn": frozen, "linear": frozen, "finetune": trained, "supervised": trained}
 
 
 def trial_specs(cfg: PipelineConfig, seed: int, search: bool = True) -> list[TrialSpec]:
     """Every cell's grid points (only its base config when ``search`` is false) with ``seed``."""
     specs = []
-    for protocol, fractions in protocol_fractions(cfg).items():
+    for protocol, budgets in protocol_budgets(cfg.evaluate).items():
         grid = cfg.evaluate.grid(protocol)
         points = grid if search else grid[:1]
         section = "finetune" if protocol == "supervised" else protocol
         searched = tuple(k for k, v in getattr(cfg.evaluate.search, section).items() if len(v) > 1)
-        for fraction in fractions:
-            specs += [TrialSpec(protocol, fraction, seed, point, searched) for point in points]
+        for budget in budgets:
+            specs += [TrialSpec(protocol, budget, seed, point, searched) for point in points]
     return specs
 
 
@@ -111,14 +149,13 @@ class EvalInputs:
     """What every trial reads; built once by the driver (Ray ships it to trials once).
 
     No whole dataset is here: the labels of the labeled set, the frozen features of the labeled and
-    test sets, the images of the labeled splits the trials train and validate on (``held``: as
-    many as the label budget and the validation split), and the test set as batches to stream.
+    test sets, the images of the labels the fine-tuning trials train and validate on (``held``),
+    and the test set as batches to stream.
     """
 
     labels: torch.Tensor  # class index of every labeled image, in the dataset's order
     classes: tuple[str, ...]
-    validation: torch.Tensor  # indices into the labeled set
-    splits: dict[tuple[int, float], torch.Tensor]  # (seed, label fraction) -> indices into the labeled set
+    splits: dict[tuple[int, LabelBudget], LabelSplit]  # (seed, label budget) -> the cell's labels
     held: torch.Tensor  # sorted indices of the labeled images held in ``held_images``
     held_images: torch.Tensor  # uint8 (len(held), C, H, W)
     test_labels: torch.Tensor
@@ -133,36 +170,63 @@ class EvalInputs:
         return len(self.classes)
 
     def images(self, indices: torch.Tensor) -> torch.Tensor:
-        """The held images of labeled-set ``indices`` (in the validation split or a fine-tuning split)."""
+        """The held images of labeled-set ``indices`` (labels of a fine-tuned cell)."""
         positions = torch.searchsorted(self.held, indices).clamp(max=len(self.held) - 1)
         if not torch.equal(self.held[positions], indices):
-            raise ValueError("images asked for outside the validation and fine-tuning splits the sweep holds")
+            raise ValueError("images asked for outside the fine-tuned cells' labels the sweep holds")
         return self.held_images[positions]
 
 
+@dataclass(frozen=True)
+class LabelSplit:
+    """The labels of one cell at one seed (indices into the labeled set): what its trials train on,
+    and what they report validation accuracy on (configs are picked and trials stopped on it)."""
+
+    train: torch.Tensor
+    select: torch.Tensor
+
+    @property
+    def num_labels(self) -> int:
+        """Every label the cell uses, for training or for selection."""
+        return len(self.train) + len(self.select)
+
+
 def label_splits(
-    labels: torch.Tensor,
-    fractions: list[float],
-    validation_size: int,
-    seed: int,
-    subset_seeds: Sequence[int],
-) -> tuple[torch.Tensor, dict[tuple[int, float], torch.Tensor]]:
-    """A stratified validation split drawn with ``seed``, and for each of ``subset_seeds`` each label
-    fraction of the rest (indices, sorted); a seed's fractions are nested."""
-    if validation_size >= len(labels):
-        raise ValueError(
-            f"evaluate.validation_size: {validation_size} is not below the {len(labels)} labeled images"
-        )
-    validation = stratified_subset(labels, validation_size / len(labels), seed)
-    pool = torch.ones(len(labels), dtype=torch.bool)
-    pool[validation] = False
-    pool_idx = pool.nonzero().flatten()
-    splits = {
-        (s, f): pool_idx[stratified_subset(labels[pool_idx], f, s)]
-        for s in subset_seeds
-        for f in sorted(set(fractions))
-    }
-    return validation, splits
+    labels: torch.Tensor, ev: EvaluateConfig, seed: int
+) -> dict[tuple[int, LabelBudget], LabelSplit]:
+    """For each of ``ev.seeds`` and each label budget, the cell's labels (a seed's budgets are
+    nested), split per ``ev.selection``: ``budget`` holds a stratified ``ev.selection_share`` of
+    each budget out for selection; ``validation`` draws one split of ``ev.validation_size`` labels
+    with ``seed``, the budgets from the rest."""
+    budgets = sorted({b for bs in protocol_budgets(ev).values() for b in bs}, key=LabelBudget.sort_key)
+    if ev.selection == "validation":
+        if ev.validation_size >= len(labels):
+            raise ValueError(
+                f"evaluate.validation_size: {ev.validation_size} is not below the "
+                f"{len(labels)} labeled images"
+            )
+        validation = stratified_subset(labels, ev.validation_size / len(labels), seed)
+        pool = torch.ones(len(labels), dtype=torch.bool)
+        pool[validation] = False
+        rest = pool.nonzero().flatten()
+        return {
+            (s, b): LabelSplit(rest[b.draw(labels[rest], s)], validation) for s in ev.seeds for b in budgets
+        }
+    splits = {}
+    for s in ev.seeds:
+        for b in budgets:
+            drawn = b.draw(labels, s)
+            held_out = torch.zeros(len(drawn), dtype=torch.bool)
+            held_out[stratified_subset(labels[drawn], ev.selection_share, s)] = True
+            train = drawn[~held_out]
+            if len(labels[train].unique()) < len(labels.unique()):
+                raise ValueError(
+                    f"evaluate.selection_share: the budget of {b} ({len(drawn)} labels) leaves a class "
+                    "with no label to train on once the selection share is held out; raise the "
+                    "budget, or set evaluate.selection: validation"
+                )
+            splits[s, b] = LabelSplit(train, drawn[held_out])
+    return splits
 
 
 def encoder_digest(encoder_path: str | Path) -> str:
@@ -199,10 +263,9 @@ def cached_features(
 def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Path) -> EvalInputs:
     ev = cfg.evaluate
     ids, labels = streaming.ids_and_labels(cfg, data.labeled)
-    fractions = [*ev.label_fractions, *ev.finetune_fractions]
-    validation, splits = label_splits(labels, fractions, ev.validation_size, cfg.seed, ev.seeds)
-    fine_tuned = [splits[s, f] for s in ev.seeds for f in ev.finetune_fractions]
-    held = torch.cat([validation, *fine_tuned]).unique()  # sorted
+    splits = label_splits(labels, ev, cfg.seed)
+    fine_tuned = [splits[s, b] for s in ev.seeds for b in protocol_budgets(ev)["finetune"]]
+    held = torch.cat([i for split in fine_tuned for i in (split.train, split.select)]).unique()  # sorted
     held_images = streaming.read_images(
         cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
     ).images
@@ -214,7 +277,6 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     return EvalInputs(
         labels=labels,
         classes=tuple(data.labeled.classes),
-        validation=validation,
         splits=splits,
         held=held,
         held_images=held_images,
@@ -263,9 +325,10 @@ def run_trial(
     """
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
-    idx = inputs.splits[spec.seed, spec.label_fraction]
+    split = inputs.splits[spec.seed, spec.budget]
+    idx = split.train
     y = inputs.labels[idx]
-    val_y, test_y = inputs.labels[inputs.validation], inputs.test_labels
+    val_y, test_y = inputs.labels[split.select], inputs.test_labels
     total_reports = 1 if spec.protocol == "knn" else cfg.evaluate.asha.reports
     reports = 0
 
@@ -278,7 +341,7 @@ def run_trial(
     classifier_state = None
     if spec.protocol in FROZEN:
         labeled = inputs.features.labeled
-        train_x, val_x, test_x = labeled[idx], labeled[inputs.validation], inputs.features.test
+        train_x, val_x, test_x = labeled[idx], labeled[split.select], inputs.features.test
         if spec.protocol == "knn":
             k, temperature = spec.params["k"], spec.params["temperature"]
 
@@ -307,7 +370,7 @@ def run_trial(
     else:
         ft = FinetuneConfig.model_validate(spec.params)
         steps = ft.steps
-        val_images = inputs.images(inputs.validation)
+        val_images = inputs.images(split.select)
 
         def eval_model(step: int, model: nn.Sequential) -> None:
             send(step, steps, accuracy(classify(model, val_images), val_y))
@@ -340,10 +403,10 @@ def _eval_every(steps: int, reports: int) -> int:
 
 @dataclass(frozen=True)
 class CellResult:
-    """One (protocol, label fraction) cell: its selected config's test accuracy over seeds."""
+    """One (protocol, label budget) cell: its selected config's test accuracy over seeds."""
 
     protocol: str
-    label_fraction: float
+    budget: LabelBudget
     num_labels: int
     params: dict[str, Any]  # the selected config's searched keys
     seeds: tuple[int, ...]
@@ -353,7 +416,7 @@ class CellResult:
 
     @property
     def cell(self) -> str:
-        return cell_name(self.protocol, self.label_fraction)
+        return cell_name(self.protocol, self.budget)
 
     @property
     def mean(self) -> float:
@@ -392,18 +455,16 @@ class PairedGain:
 class LabelEfficiency:
     cells: tuple[CellResult, ...]
 
-    def cell(self, protocol: str, label_fraction: float) -> CellResult | None:
-        return next(
-            (c for c in self.cells if c.protocol == protocol and c.label_fraction == label_fraction), None
-        )
+    def cell(self, protocol: str, budget: LabelBudget) -> CellResult | None:
+        return next((c for c in self.cells if c.protocol == protocol and c.budget == budget), None)
 
-    def gains_over_supervised(self, protocol: str) -> dict[float, PairedGain]:
-        """``protocol`` minus supervised from scratch, paired by seed, at each fraction that has both."""
+    def gains_over_supervised(self, protocol: str) -> dict[LabelBudget, PairedGain]:
+        """``protocol`` minus supervised from scratch, paired by seed, at each budget that has both."""
         gains = {}
         for c in self.cells:
-            baseline = self.cell("supervised", c.label_fraction)
+            baseline = self.cell("supervised", c.budget)
             if c.protocol == protocol and baseline is not None:
-                gains[c.label_fraction] = PairedGain.of(c, baseline)
+                gains[c.budget] = PairedGain.of(c, baseline)
         return gains
 
     def metrics(self) -> dict[str, float]:
@@ -411,11 +472,11 @@ class LabelEfficiency:
         its 95% interval (with two seeds or more)."""
         metrics = {}
         for c in self.cells:
-            metrics[metric_name(c.protocol, c.label_fraction)] = c.mean
-            metrics[metric_name(c.protocol, c.label_fraction) + "_std"] = c.std
+            metrics[metric_name(c.protocol, c.budget)] = c.mean
+            metrics[metric_name(c.protocol, c.budget) + "_std"] = c.std
         for protocol in PROTOCOLS[:-1]:  # all but the baseline itself
-            for fraction, gain in self.gains_over_supervised(protocol).items():
-                name = f"gain_{protocol}_vs_supervised_{percent(fraction)}"
+            for budget, gain in self.gains_over_supervised(protocol).items():
+                name = f"gain_{protocol}_vs_supervised_{budget.name}"
                 metrics[name] = gain.mean
                 if gain.interval:
                     metrics[name + "_ci_low"], metrics[name + "_ci_high"] = gain.interval
@@ -426,7 +487,8 @@ class LabelEfficiency:
         return [
             {
                 "protocol": c.protocol,
-                "label_fraction": c.label_fraction,
+                "budget": c.budget.name,
+                "budget_label": str(c.budget),
                 "num_labels": c.num_labels,
                 "mean": c.mean,
                 "std": c.std,
@@ -445,9 +507,7 @@ def evaluate_encoder(cfg: PipelineConfig, data: PreparedData, encoder_path: str)
     cells = []
     for spec in trial_specs(cfg, cfg.evaluate.seeds[0], search=False):
         outcome = run_trial(cfg, spec, inputs)
-        num_labels = len(inputs.splits[spec.seed, spec.label_fraction])
+        num_labels = inputs.splits[spec.seed, spec.budget].num_labels
         accuracies = ((outcome.test_accuracy,), (outcome.val_accuracy,))
-        cells.append(
-            CellResult(spec.protocol, spec.label_fraction, num_labels, {}, (spec.seed,), *accuracies)
-        )
+        cells.append(CellResult(spec.protocol, spec.budget, num_labels, {}, (spec.seed,), *accuracies))
     return LabelEfficiency(tuple(cells))

@@ -45,17 +45,13 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
-def _percent(value: float) -> str:
-    return f"{value:.3g}%"
-
-
 def label_efficiency_curve(
     rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Label efficiency"
 ) -> Path:
-    """Test accuracy against label fraction, one line per protocol, error bars = std over seeds.
+    """Test accuracy against the number of labels, one line per protocol, error bars = std over seeds.
 
-    ``rows``: dicts with ``protocol``, ``label_fraction`` (in (0, 1]), ``mean`` and ``std`` (accuracy
-    in [0, 1]) and ``n`` (seeds). The supervised baseline is dashed.
+    ``rows``: dicts with ``protocol``, ``num_labels``, ``budget_label`` (e.g. ``1%``, ``10 a class``),
+    ``mean`` and ``std`` (accuracy in [0, 1]) and ``n`` (seeds). The supervised baseline is dashed.
     """
     if not rows:
         raise ValueError("label_efficiency_curve: no rows to plot")
@@ -68,10 +64,10 @@ def label_efficiency_curve(
     fig = Figure(figsize=(7, 4.5))
     ax = fig.add_subplot()
     for protocol in order:
-        group = sorted(by_protocol[protocol], key=lambda r: float(r["label_fraction"]))
+        group = sorted(by_protocol[protocol], key=lambda r: int(r["num_labels"]))
         baseline = protocol == "supervised"
         ax.errorbar(
-            [100 * float(r["label_fraction"]) for r in group],
+            [int(r["num_labels"]) for r in group],
             [100 * float(r["mean"]) for r in group],
             # A single seed has no spread: std may be 0, missing or NaN (ddof=1).
             yerr=np.nan_to_num([100 * float(r.get("std") or 0.0) for r in group]),
@@ -83,9 +79,9 @@ def label_efficiency_curve(
             label=PROTOCOL_LABELS.get(protocol, protocol),
         )
 
-    fractions = sorted({100 * float(r["label_fraction"]) for r in rows})
+    ticks = sorted({(int(r["num_labels"]), str(r["budget_label"])) for r in rows})
     ax.set_xscale("log")
-    ax.set_xticks(fractions, [_percent(f) for f in fractions])
+    ax.set_xticks([n for n, _ in ticks], [f"{label}\n{n:,}" for n, label in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
     seeds = {int(r.get("n", 1)) for r in rows}
     if seeds == {1}:
@@ -94,7 +90,7 @@ def label_efficiency_curve(
         spread = f"mean ± std over {seeds.pop()} seeds"
     else:
         spread = "mean ± std over seeds"
-    ax.set_xlabel("labelled training data (log scale)")
+    ax.set_xlabel("labels a cell used (log scale)")
     ax.set_ylabel(f"test accuracy (%)\n{spread}")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
@@ -230,23 +226,26 @@ def sweep_figures(output: SweepOutput) -> list[Path]:
 
     import torch
 
+    from tasks.promotion import HeldOutPredictions
+
     folder = Path(output.folder)
-    data = torch.load(output.figure_data_path, map_location="cpu", weights_only=True)
+    saved = HeldOutPredictions.load(output.test_predictions_path)
+    features = torch.load(output.test_features_path, map_location="cpu", weights_only=True)
     (folder / "label_efficiency.json").write_text(json.dumps(output.curve(), indent=2) + "\n")
     best = output.best_cell
     return [
         folder / "label_efficiency.json",
         label_efficiency_curve(output.curve(), folder / "label_efficiency.png"),
         confusion_matrix_plot(
-            data["test_labels"],
-            data["best_predictions"],
+            saved.labels,
+            saved.predictions,
             output.classes,
             folder / "confusion_matrix.png",
             title=f"Confusion matrix: {best}, test set",
         ),
         embedding_map(
-            data["test_features"],
-            data["test_labels"],
+            features,
+            saved.labels,
             output.classes,
             folder / "embedding_tsne.png",
             title="t-SNE of the pretrained encoder's test-set features",

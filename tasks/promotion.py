@@ -1,7 +1,8 @@
 """The promotion gate: does a challenger beat the champion? Plain logic, no MLflow.
 
 A model's evaluation is its top-1 and per-class accuracy on one test set, named by that set's
-content hash (and DVC version). Two evaluations are compared only on the same test set.
+content hash (and DVC version). Two evaluations are compared only on the same test set, and
+image by image: the gate tests the images one model gets right and the other wrong (McNemar).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import json
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import ClassVar
 
 import torch
+from scipy.stats import binom
 
 from tasks.config import PromotionConfig
 from tasks.data import DatasetRef
@@ -85,12 +88,59 @@ def evaluate_predictions(
     return ModelEvaluation(test.digest, test.dvc_md5, len(labels), correct.float().mean().item(), per_class)
 
 
-def evaluate_saved_predictions(
-    path: str | Path, classes: tuple[str, ...], test: DatasetRef
-) -> ModelEvaluation:
-    """The evaluation of a sweep's best model from its saved test predictions (``figure_data.pt``)."""
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return evaluate_predictions(saved["test_labels"], saved["best_predictions"], classes, test)
+@dataclass(frozen=True)
+class HeldOutPredictions:
+    """A model's class index for every test image, beside the labels, in the test set's order."""
+
+    FILE: ClassVar[str] = "model_test_predictions.pt"
+    ARTIFACT_DIR: ClassVar[str] = "sweep"  # in the MLflow run that logged the model
+
+    labels: torch.Tensor
+    predictions: torch.Tensor
+    classes: tuple[str, ...]  # the class of index i
+
+    def save(self, path: str | Path) -> None:
+        saved = {"test_labels": self.labels, "predictions": self.predictions, "classes": list(self.classes)}
+        torch.save(saved, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> HeldOutPredictions:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        return cls(saved["test_labels"], saved["predictions"], tuple(saved["classes"]))
+
+    @property
+    def correct(self) -> torch.Tensor:
+        return self.predictions == self.labels
+
+
+def evaluate_saved_predictions(path: str | Path, test: DatasetRef) -> ModelEvaluation:
+    """The evaluation of a sweep's best model from its saved test predictions (``HeldOutPredictions``)."""
+    saved = HeldOutPredictions.load(path)
+    return evaluate_predictions(saved.labels, saved.predictions, saved.classes, test)
+
+
+@dataclass(frozen=True)
+class McNemar:
+    """The exact McNemar test on two models' predictions of the same images: only the images
+    one gets right and the other wrong count; with no difference between the models each of
+    those is equally likely to favour either (a binomial with p = 1/2)."""
+
+    gained: int  # images the challenger gets right and the champion wrong
+    lost: int  # images the champion gets right and the challenger wrong
+
+    @classmethod
+    def of(cls, challenger: torch.Tensor, champion: torch.Tensor) -> McNemar:
+        """From the two models' per-image correctness (boolean tensors, same images, same order)."""
+        return cls(int((challenger & ~champion).sum()), int((champion & ~challenger).sum()))
+
+    def p_better(self) -> float:
+        """One-sided p-value of "the challenger is no better": P(X >= gained), X ~ B(gained + lost, 1/2)."""
+        n = self.gained + self.lost
+        return float(binom.sf(self.gained - 1, n, 0.5)) if n else 1.0
+
+    def p_worse(self) -> float:
+        """One-sided p-value of "the challenger is no worse"."""
+        return McNemar(self.lost, self.gained).p_better()
 
 
 def weights_sha256(state_path: str | Path) -> str:
@@ -116,6 +166,8 @@ class Decision:
     delta: float | None = None  # challenger minus champion test accuracy
     regressions: dict[str, float] = field(default_factory=dict)  # class -> accuracy lost
     forced: bool = False
+    paired: McNemar | None = None  # the image-by-image comparison, when it was made
+    p_value: float | None = None  # one-sided exact McNemar: "the challenger is no better"
 
     @property
     def outcome(self) -> str:
@@ -136,15 +188,38 @@ def _points(x: float) -> str:
     return f"{100 * x:.2f} points"
 
 
+def _class_drops(
+    challenger: ModelEvaluation,
+    champion: ModelEvaluation,
+    paired: tuple[HeldOutPredictions, HeldOutPredictions],
+    policy: PromotionConfig,
+) -> dict[str, float]:
+    """Classes whose accuracy falls by more than the tolerance, with the gate's confidence (the
+    one-sided McNemar test of the class's images): class -> accuracy lost."""
+    new, old = paired
+    drops = {}
+    for name, acc in challenger.class_accuracy.items():
+        drop = champion.class_accuracy[name] - acc
+        if drop <= policy.class_tolerance + TIE:
+            continue
+        images = new.labels == new.classes.index(name)
+        if McNemar.of(new.correct[images], old.correct[images]).p_worse() <= 1 - policy.confidence:
+            drops[name] = drop
+    return drops
+
+
 def decide(
     challenger: ModelEvaluation | None,
     champion: ModelEvaluation | None,
     champion_version: str | None,
     policy: PromotionConfig,
+    paired: tuple[HeldOutPredictions, HeldOutPredictions] | None = None,
 ) -> Decision:
-    """Promote when test accuracy rises by at least ``policy.margin`` (and by more than nothing)
-    and no class loses more than ``policy.class_tolerance``; ties, missing metrics and different
-    test sets never promote."""
+    """Promote when test accuracy rises by at least ``policy.margin`` (and by more than nothing),
+    the exact McNemar test on ``paired`` (the challenger's and the champion's test predictions)
+    says the challenger is better with ``policy.confidence``, and no class loses more than
+    ``policy.class_tolerance`` with that confidence; ties, missing metrics or predictions and
+    different test sets never promote."""
 
     def verdict(promote: bool, reason: str, **kw: object) -> Decision:
         return Decision(promote, reason, challenger, champion, champion_version, **kw)  # type: ignore[arg-type]
@@ -163,6 +238,15 @@ def decide(
         )
     if set(challenger.class_accuracy) != set(champion.class_accuracy):
         return verdict(False, "the challenger and the champion name different classes")
+    if paired is None:
+        return verdict(
+            False,
+            f"the challenger's or the champion's (version {champion_version}) test predictions are not "
+            "saved; the gate compares the two image by image",
+        )
+    new, old = paired
+    if new.classes != old.classes or not torch.equal(new.labels, old.labels):
+        return verdict(False, "the challenger's and the champion's saved test labels differ")
     delta = challenger.accuracy - champion.accuracy
     scores = (
         f"test accuracy {100 * challenger.accuracy:.2f}% vs the champion's {100 * champion.accuracy:.2f}%"
@@ -175,25 +259,32 @@ def decide(
             f"{scores}: {delta * 100:+.2f} points, below the margin of {_points(policy.margin)}",
             delta=delta,
         )
-    drops = {
-        name: champion.class_accuracy[name] - acc
-        for name, acc in challenger.class_accuracy.items()
-        if champion.class_accuracy[name] - acc > policy.class_tolerance + TIE
-    }
+    test = McNemar.of(new.correct, old.correct)
+    p = test.p_better()
+    evidence = f"{test.gained} images gained, {test.lost} lost: one-sided exact McNemar p = {p:.2g}"
+    stats = {"delta": delta, "paired": test, "p_value": p}
+    if p > 1 - policy.confidence:
+        return verdict(
+            False,
+            f"{scores} ({delta * 100:+.2f} points), not better with {policy.confidence:.0%} confidence "
+            f"({evidence})",
+            **stats,
+        )
+    drops = _class_drops(challenger, champion, paired, policy)
     if drops:
         worst = ", ".join(
             f"{name!r} loses {_points(d)}" for name, d in sorted(drops.items(), key=lambda x: -x[1])
         )
         return verdict(
             False,
-            f"{scores} ({delta * 100:+.2f} points), but {worst}, more than the tolerance of "
-            f"{_points(policy.class_tolerance)}",
-            delta=delta,
+            f"{scores} ({delta * 100:+.2f} points, {evidence}), but {worst}, more than the tolerance of "
+            f"{_points(policy.class_tolerance)} with {policy.confidence:.0%} confidence",
             regressions=drops,
+            **stats,
         )
     return verdict(
         True,
-        f"{scores} ({delta * 100:+.2f} points, margin {_points(policy.margin)}); no class loses more than "
-        f"{_points(policy.class_tolerance)}",
-        delta=delta,
+        f"{scores} ({delta * 100:+.2f} points, margin {_points(policy.margin)}; {evidence}); no class "
+        f"loses more than {_points(policy.class_tolerance)} with {policy.confidence:.0%} confidence",
+        **stats,
     )

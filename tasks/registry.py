@@ -22,7 +22,7 @@ from mlflow.tracking import MlflowClient
 
 from tasks.config import PipelineConfig
 from tasks.data import PreparedData
-from tasks.promotion import Decision, ModelEvaluation, decide
+from tasks.promotion import Decision, HeldOutPredictions, ModelEvaluation, decide
 from tasks.tracking import client_for
 
 CHAMPION = "champion"
@@ -204,6 +204,10 @@ def _decision_tags(decision: Decision) -> dict[str, str]:
     }
     if decision.delta is not None:
         tags["promotion.delta"] = f"{decision.delta:.6f}"
+    if decision.paired is not None:  # the test statistic: the discordant images, and its p-value
+        tags["promotion.images_gained"] = str(decision.paired.gained)
+        tags["promotion.images_lost"] = str(decision.paired.lost)
+        tags["promotion.p_value"] = f"{decision.p_value:.6g}"
     if decision.champion is not None:
         tags["promotion.champion_accuracy"] = f"{decision.champion.accuracy:.6f}"
     if decision.challenger is not None:
@@ -229,6 +233,17 @@ def _log_report(client: MlflowClient, name: str, mv: ModelVersion, decision: Dec
         client.log_artifact(mv.run_id, str(path), "promotion")
 
 
+def _test_predictions(client: MlflowClient, mv: ModelVersion) -> HeldOutPredictions | None:
+    """The test predictions the run of ``mv`` logged beside its model; None when it logged none.
+    (A failure to reach the server is raised, not taken for a missing file: the task retries it.)"""
+    folder = HeldOutPredictions.ARTIFACT_DIR
+    artifact = f"{folder}/{HeldOutPredictions.FILE}"
+    if mv.run_id is None or artifact not in {a.path for a in client.list_artifacts(mv.run_id, folder)}:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        return HeldOutPredictions.load(client.download_artifacts(mv.run_id, artifact, tmp))
+
+
 def _gate(change: RegistryChange, cfg: PipelineConfig, version: str, forced: str | None) -> PromotionOutcome:
     """Compare ``version`` with the champion, record the decision, and move ``champion`` last."""
     client, name = change.client, change.name
@@ -236,10 +251,13 @@ def _gate(change: RegistryChange, cfg: PipelineConfig, version: str, forced: str
     champion = alias_version(client, name, CHAMPION)
     if champion == version:
         raise PromotionError(f"version {version} of {name!r} is already the champion")
-    champion_eval = None
+    champion_eval, paired = None, None
     if champion is not None:
-        champion_eval = ModelEvaluation.from_tags(client.get_model_version(name, champion).tags)
-    decision = decide(ModelEvaluation.from_tags(mv.tags), champion_eval, champion, cfg.promotion)
+        champion_mv = client.get_model_version(name, champion)
+        champion_eval = ModelEvaluation.from_tags(champion_mv.tags)
+        new, old = _test_predictions(client, mv), _test_predictions(client, champion_mv)
+        paired = (new, old) if new is not None and old is not None else None
+    decision = decide(ModelEvaluation.from_tags(mv.tags), champion_eval, champion, cfg.promotion, paired)
     if forced is not None:
         decision = decision.force(forced)
     change.set_tags(version, _decision_tags(decision))

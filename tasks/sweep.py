@@ -1,6 +1,6 @@
 """Label-efficiency sweeps on Ray Tune.
 
-Two Tune runs. ``search``: every (protocol, label fraction) cell's grid with the first seed,
+Two Tune runs. ``search``: every (protocol, label budget) cell's grid with the first seed,
 ASHA stopping trials that trail their own cell on validation accuracy. ``repeat``: each cell's
 best config (by validation accuracy) with the other seeds, to the full budget. A cell then
 reports test accuracy as mean +- std over seeds. Trials declare their CPUs and GPUs; Tune runs
@@ -38,6 +38,7 @@ from tasks.evaluate import (
     PROTOCOLS,
     CellResult,
     EvalInputs,
+    LabelBudget,
     LabelEfficiency,
     TrialSpec,
     encoder_digest,
@@ -46,15 +47,19 @@ from tasks.evaluate import (
     trial_specs,
 )
 from tasks.pretrain import progress_logger, storage
+from tasks.promotion import HeldOutPredictions
 
 METRIC = "val_accuracy"
 CLASSIFIER_FILE = "classifier.pt"
-PREDICTIONS_FILE = "test_predictions.pt"
+PREDICTIONS_FILE = "test_predictions.pt"  # a trial's, in its checkpoint
+TEST_FEATURES_FILE = "test_features.pt"
 
 
 def spec_of(config: dict[str, Any]) -> TrialSpec:
     trial = config["trial"]
-    return TrialSpec(**{**trial, "searched": tuple(trial["searched"])})
+    return TrialSpec(
+        **{**trial, "budget": LabelBudget(**trial["budget"]), "searched": tuple(trial["searched"])}
+    )
 
 
 def trainable(config: dict[str, Any], cfg: PipelineConfig, inputs: EvalInputs) -> None:
@@ -80,7 +85,7 @@ def trainable(config: dict[str, Any], cfg: PipelineConfig, inputs: EvalInputs) -
 
 
 class CellASHA(FIFOScheduler):
-    """ASHA within each (protocol, label fraction) cell: a trial competes only with its own cell's.
+    """ASHA within each (protocol, label budget) cell: a trial competes only with its own cell's.
 
     One ASHA over all trials would stop every 1%-label trial for trailing the 100%-label ones.
     """
@@ -151,7 +156,7 @@ class RecordTrials(tune.Callback):
         if self.runs is None or trial.trial_id in self.run_ids:  # a restarted trial keeps its run
             return
         spec = spec_of(trial.config)
-        params = {"protocol": spec.protocol, "label_fraction": spec.label_fraction, "seed": spec.seed}
+        params = {"protocol": spec.protocol, "label_budget": spec.budget.name, "seed": spec.seed}
         tags = {"sweep.phase": self.phase, "sweep.cell": spec.cell, "ray.trial_id": trial.trial_id}
         self.run_ids[trial.trial_id] = self.runs.start(spec.name, {**params, **spec.params}, tags)
 
@@ -218,8 +223,14 @@ class SweepOutput(LabelEfficiency):
         return Path(self.folder) / CLASSIFIER_FILE
 
     @property
-    def figure_data_path(self) -> Path:
-        return Path(self.folder) / "figure_data.pt"
+    def test_predictions_path(self) -> Path:
+        """The best model's ``HeldOutPredictions``: what the gate compares (logged as ``sweep/``)."""
+        return Path(self.folder) / HeldOutPredictions.FILE
+
+    @property
+    def test_features_path(self) -> Path:
+        """The encoder's features of the test images, for the embedding map."""
+        return Path(self.folder) / TEST_FEATURES_FILE
 
 
 def sweep_name(cfg: PipelineConfig, data: PreparedData, encoder_path: str) -> str:
@@ -332,7 +343,7 @@ def run_sweep(
         raise RuntimeError(f"sweep {name}: no trial of {missing} finished (see the Tune errors above)")
 
     repeat_specs = [
-        TrialSpec(r.spec.protocol, r.spec.label_fraction, seed, r.spec.params, r.spec.searched)
+        TrialSpec(r.spec.protocol, r.spec.budget, seed, r.spec.params, r.spec.searched)
         for r in selected.values()
         for seed in other_seeds
     ]
@@ -349,8 +360,8 @@ def run_sweep(
         cells.append(
             CellResult(
                 best.spec.protocol,
-                best.spec.label_fraction,
-                len(inputs.splits[best.spec.seed, best.spec.label_fraction]),
+                best.spec.budget,
+                inputs.splits[best.spec.seed, best.spec.budget].num_labels,
                 {k: best.spec.params[k] for k in best.spec.searched},
                 tuple(r.spec.seed for r in runs_of_cell),
                 tuple(float(r.test_accuracy) for r in runs_of_cell),  # type: ignore[arg-type]
@@ -358,7 +369,7 @@ def run_sweep(
                 tuple(r.run_id or "" for r in runs_of_cell),
             )
         )
-    cells.sort(key=lambda c: (c.label_fraction, PROTOCOLS.index(c.protocol)))
+    cells.sort(key=lambda c: (c.budget.sort_key(), PROTOCOLS.index(c.protocol)))
     with_model = [c for c in cells if c.protocol in ("linear", "finetune")]
     best_cell = max(with_model, key=lambda c: float(np.mean(c.val_accuracies)))
     best = selected[best_cell.cell]
@@ -379,17 +390,13 @@ def _save_best(cfg: PipelineConfig, inputs: EvalInputs, best: TrialRecord, folde
         state = torch.load(Path(trial_folder) / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
         predictions = torch.load(Path(trial_folder) / PREDICTIONS_FILE, map_location="cpu", weights_only=True)
     torch.save(state, folder / CLASSIFIER_FILE)
-    torch.save(
-        {
-            "test_labels": inputs.test_labels,
-            "best_predictions": predictions,
-            "test_features": inputs.features.test,
-        },
-        folder / "figure_data.pt",
-    )
+    HeldOutPredictions(inputs.test_labels, predictions, inputs.classes).save(folder / HeldOutPredictions.FILE)
+    torch.save(inputs.features.test, folder / TEST_FEATURES_FILE)
     (folder / "label_splits.json").write_text(
         json.dumps(
-            {"validation": inputs.validation.tolist()}
-            | {f"seed{s}-{f:g}": i.tolist() for (s, f), i in inputs.splits.items()}
+            {
+                f"seed{s}-{b.name}": {"train": split.train.tolist(), "select": split.select.tolist()}
+                for (s, b), split in inputs.splits.items()
+            }
         )
     )

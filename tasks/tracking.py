@@ -24,6 +24,7 @@ from ssl_models.classifier import ClassifierSpec
 from tasks.config import PipelineConfig
 from tasks.data import DatasetRef, PreparedData
 from tasks.pretrain import CHECKPOINT_FILE, PretrainOutput
+from tasks.promotion import HeldOutPredictions
 from tasks.serving import log_image_classifier
 from tasks.sweep import SweepOutput
 
@@ -249,6 +250,7 @@ def log_sweep(cfg: PipelineConfig, run_id: str, output: SweepOutput, figures: li
     for path in figures:
         client.log_artifact(run_id, str(path), "sweep")
     client.log_artifact(run_id, str(Path(output.folder) / "label_splits.json"), "sweep")
+    client.log_artifact(run_id, str(output.test_predictions_path), HeldOutPredictions.ARTIFACT_DIR)
 
 
 def log_classifier(

@@ -24,7 +24,7 @@ from ssl_models.data import DataError, read_idx
 from tasks import orchestration, registry
 from tasks.config import PipelineConfig
 from tasks.watch import Watch, count_images
-from tests.test_promotion import evaluation, new_challenger, snapshot
+from tests.test_promotion import log_predictions, new_challenger, scored, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_a_failing_gate_rolls_back_the_registration(
     cfg = PipelineConfig.model_validate(
         {"workspace": str(tmp_path / "ws"), "tracking": {"registered_model": "fashion"}}
     )
-    assert new_challenger(cfg, evaluation(0.80)).version == "1"
+    assert new_challenger(cfg, scored(0.80)).version == "1"
     before = snapshot(cfg)
     real_report = registry._log_report
 
@@ -188,11 +188,13 @@ def test_a_failing_gate_rolls_back_the_registration(
     monkeypatch.setattr(registry, "_log_report", report_fails)
     client = registry.client_for(cfg)
     run = client.create_run(client.get_experiment_by_name("gate").experiment_id)
+    better = scored(0.9)
+    log_predictions(client, run.info.run_id, better, tmp_path)
 
     @flow
     def promote_in_a_transaction() -> registry.PromotionOutcome:
         return register_and_gate(
-            cfg, f"runs:/{run.info.run_id}/model", run.info.run_id, {}, evaluation(0.9), "w2"
+            cfg, f"runs:/{run.info.run_id}/model", run.info.run_id, {}, better.evaluation, "w2"
         )
 
     with pytest.raises(RuntimeError, match="report upload failed"):
@@ -360,9 +362,16 @@ def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_
     assert len(recomputed) <= epochs - 2
     assert "version 1 promoted to champion" in output
 
-    # The same command again: every stage from the cache, nothing trained, nothing registered.
+    # The same command again: every stage from the cache (the same MLflow runs), nothing trained,
+    # nothing registered.
+    again_report = tmp_path / "again.json"
     again = subprocess.run(
-        [*CLI, *args], cwd=tmp_path, env=run_cli_env(), capture_output=True, text=True, timeout=600
+        [*CLI, *args, "--report", str(again_report)],
+        cwd=tmp_path,
+        env=run_cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     output = again.stdout + again.stderr
@@ -370,6 +379,10 @@ def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_
         assert re.search(rf"Task run '{stage}-\w+' - Finished in state Cached", output), stage
     assert _epochs(output) == [] and "Task run 'sweep-" not in output.replace("sweep-and-log-model", "")
     assert "not registered: version 1 already holds these weights" in output
+    first, second = json.loads(report.read_text()), json.loads(again_report.read_text())
+    assert (second["registered"], second["model_version"]) == (False, "1")
+    runs = ("pretrain_run_id", "sweep_run_id")
+    assert [second[k] for k in runs] == [first[k] for k in runs]
 
 
 def _fashion_folders(fashion_mnist_dir: Path, root: Path) -> dict[str, Path]:

@@ -24,10 +24,11 @@ def assert_png(path: Path, min_side: int = 200) -> None:
 
 def sweep_rows() -> list[dict]:
     bases = {"knn": 0.6, "linear": 0.65, "finetune": 0.7, "supervised": 0.5, "mae": 0.62}
+    budgets = [("10 a class", 100), ("1%", 600), ("10%", 6000), ("100%", 60000)]
     return [
-        {"protocol": p, "label_fraction": f, "mean": base + 0.2 * f, "std": 0.02, "n": 3}
+        {"protocol": p, "budget_label": b, "num_labels": n, "mean": base + n / 3e5, "std": 0.02, "n": 3}
         for p, base in bases.items()
-        for f in (0.01, 0.1, 1.0)
+        for b, n in budgets
     ]
 
 
@@ -40,8 +41,15 @@ def test_label_efficiency_curve_writes_png_and_creates_folder(tmp_path: Path) ->
 @pytest.mark.parametrize("std", [0.0, float("nan"), None])
 def test_label_efficiency_curve_single_fraction_single_seed(tmp_path: Path, std: float | None) -> None:
     rows = [
-        {"protocol": "linear", "label_fraction": 0.1, "mean": 0.8, "std": std, "n": 1},
-        {"protocol": "supervised", "label_fraction": 0.1, "mean": 0.7, "std": std, "n": 1},
+        {"protocol": "linear", "budget_label": "10%", "num_labels": 6000, "mean": 0.8, "std": std, "n": 1},
+        {
+            "protocol": "supervised",
+            "budget_label": "10%",
+            "num_labels": 6000,
+            "mean": 0.7,
+            "std": std,
+            "n": 1,
+        },
     ]
     assert_png(label_efficiency_curve(rows, str(tmp_path / "one.png"), title="one point"))
 

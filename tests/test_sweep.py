@@ -8,6 +8,7 @@ frozen features are computed once per (encoder, data version).
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +19,16 @@ from PIL import Image
 
 from ssl_models.evaluate import extract_features
 from tasks import evaluate, plots, progress, tracking
-from tasks.config import PipelineConfig, load_config
+from tasks.config import EvaluateConfig, PipelineConfig, load_config
 from tasks.data import PreparedData, ingest_and_prepare
 from tasks.evaluate import (
+    Features,
+    LabelBudget,
     TrialSpec,
     eval_inputs,
     feature_cache_path,
     label_splits,
+    run_trial,
     trial_encoder,
     trial_specs,
 )
@@ -32,6 +36,8 @@ from tasks.pretrain import build_encoder
 from tasks.streaming import read_images
 from tasks.sweep import run_sweep
 from tests.conftest import REPO
+
+TEN_PCT = LabelBudget(fraction=0.1)
 
 
 def config(workspace: Path, *overrides: str) -> PipelineConfig:
@@ -56,7 +62,7 @@ def children(client: MlflowClient, run_id: str) -> list:  # type: ignore[type-ar
 def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path / "ws")
+    cfg = config(tmp_path / "ws", "evaluate.labels_per_class=[5]")
     data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
     reports: list[tuple[str, int, int]] = []
@@ -66,14 +72,16 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     tracking.log_sweep(cfg, run_id, output, figures)
     tracking.end_run(cfg, run_id)
 
-    # Every cell of the grid: kNN and linear at 10% and 100%, fine-tune and scratch at 10%.
-    assert {(c.protocol, c.label_fraction) for c in output.cells} == {
-        ("knn", 0.1),
-        ("knn", 1.0),
-        ("linear", 0.1),
-        ("linear", 1.0),
-        ("finetune", 0.1),
-        ("supervised", 0.1),
+    # Every cell of the grid: each protocol at 5 labels a class, kNN and linear at 10% and 100%,
+    # fine-tune and scratch at 10%; the label column counts every label a cell used (1,000 labeled).
+    assert {(c.protocol, c.budget.name, c.num_labels) for c in output.cells} == {
+        *((p, "5_per_class", 50) for p in evaluate.PROTOCOLS),
+        ("knn", "10pct", 100),
+        ("knn", "100pct", 1000),
+        ("linear", "10pct", 100),
+        ("linear", "100pct", 1000),
+        ("finetune", "10pct", 100),
+        ("supervised", "10pct", 100),
     }
     search = trial_specs(cfg, 0)
     repeats = [(c.cell, seed) for c in output.cells for seed in cfg.evaluate.seeds[1:]]  # kNN too
@@ -102,7 +110,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     parent = client.get_run(run_id).data
     assert len(curve) == len(output.cells)
     for point in curve:
-        cell = f"{point['protocol']}-{evaluate.percent(point['label_fraction'])}"
+        cell = f"{point['protocol']}-{point['budget']}"
         selected = [
             r
             for r in runs
@@ -113,7 +121,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
         assert sorted(int(r.data.params["seed"]) for r in selected) == list(range(point["n"]))
         assert point["mean"] == pytest.approx(np.mean(accuracies), abs=1e-9), cell
         assert point["std"] == pytest.approx(np.std(accuracies, ddof=1) if len(accuracies) > 1 else 0.0), cell
-        name = evaluate.metric_name(point["protocol"], point["label_fraction"])
+        name = f"{point['protocol']}_top1_{point['budget']}"
         assert parent.metrics[name] == pytest.approx(point["mean"])
         for key, value in point["params"].items():  # the selected config, in the parent's params
             assert json.loads(parent.params[f"best.{cell}.{key}"]) == value
@@ -162,22 +170,55 @@ def test_asha_stops_a_trial_with_a_bad_learning_rate_before_its_budget(
     assert all(not t.stopped_early for t in output.trials if t.spec.protocol in ("knn", "linear"))
 
 
-def test_label_splits_are_disjoint_from_validation_stratified_nested_and_drawn_per_seed(
-    fashion_mnist_dir: Path,
-) -> None:
+def budgets(*fractions: float, per_class: tuple[int, ...] = ()) -> list[LabelBudget]:
+    return [LabelBudget(per_class=n) for n in per_class] + [LabelBudget(fraction=f) for f in fractions]
+
+
+def test_each_cell_trains_and_selects_within_its_own_budget_drawn_per_seed() -> None:
     labels = torch.arange(10).repeat_interleave(100)
-    validation, splits = label_splits(labels, [0.1, 0.5, 1.0], 200, seed=0, subset_seeds=[0, 1])
+    ev = EvaluateConfig(
+        labels_per_class=[10], label_fractions=[0.1, 0.5, 1.0], finetune_fractions=[0.1], seeds=[0, 1]
+    )
+    splits = label_splits(labels, ev, seed=0)
+    assert set(splits) == {(s, b) for s in (0, 1) for b in budgets(0.1, 0.5, 1.0, per_class=(10,))}
+    for (seed, budget), split in splits.items():
+        # Disjoint parts that make up the budget, a fifth of it (stratified) to select on.
+        assert torch.equal(torch.cat([split.train, split.select]).sort().values, budget.draw(labels, seed))
+        assert not set(split.train.tolist()) & set(split.select.tolist())
+        per_class = budget.per_class or round(budget.fraction * 100)  # type: ignore[operator]
+        assert split.num_labels == 10 * per_class
+        assert torch.bincount(labels[split.select]).tolist() == [round(0.2 * per_class)] * 10
+    for seed in (0, 1):  # a seed's budgets are nested: 10 a class within 10% within 50%
+        drawn = [set(b.draw(labels, seed).tolist()) for b in budgets(0.1, 0.5, per_class=(5,))]
+        assert drawn[0] < drawn[1] < drawn[2]
+    ten = LabelBudget(fraction=0.1)
+    assert not torch.equal(splits[0, ten].train, splits[1, ten].train)  # each seed its own labels
+    one_each = ev.model_copy(update={"labels_per_class": [1]})
+    with pytest.raises(ValueError, match=r"evaluate.selection_share: the budget of 1 a class \(10 labels\)"):
+        label_splits(labels, one_each, seed=0)
+
+
+def test_a_separate_validation_split_is_shared_and_counted_in_every_cell() -> None:
+    labels = torch.arange(10).repeat_interleave(100)
+    ev = EvaluateConfig(
+        labels_per_class=[3],
+        label_fractions=[0.1, 1.0],
+        finetune_fractions=[0.1],
+        seeds=[0, 1],
+        selection="validation",
+        validation_size=200,
+    )
+    splits = label_splits(labels, ev, seed=0)
+    validation = splits[0, LabelBudget(fraction=0.1)].select
     assert len(validation) == 200 and torch.bincount(labels[validation]).tolist() == [20] * 10
-    assert set(splits) == {(s, f) for s in (0, 1) for f in (0.1, 0.5, 1.0)}
-    for (_, fraction), idx in splits.items():
-        assert not set(idx.tolist()) & set(validation.tolist())
-        assert torch.bincount(labels[idx]).tolist() == [round(fraction * 80)] * 10
-    for seed in (0, 1):
-        assert set(splits[seed, 0.1].tolist()) < set(splits[seed, 0.5].tolist())
-    assert not torch.equal(splits[0, 0.1], splits[1, 0.1])  # each seed its own labels
-    assert torch.equal(splits[0, 1.0], splits[1, 1.0]) and len(splits[0, 1.0]) == 800
+    for (_, budget), split in splits.items():
+        assert torch.equal(split.select, validation)
+        assert not set(split.train.tolist()) & set(validation.tolist())
+        per_class = budget.per_class or round(budget.fraction * 80)  # type: ignore[operator]
+        assert torch.bincount(labels[split.train]).tolist() == [per_class] * 10
+        assert split.num_labels == len(split.train) + 200
     with pytest.raises(ValueError, match=r"evaluate.validation_size: 1000 is not below the 1000"):
-        label_splits(labels, [0.1], 1000, seed=0, subset_seeds=[0])
+        label_splits(labels, ev.model_copy(update={"validation_size": 1000}), seed=0)
 
 
 def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_datasets(
@@ -197,15 +238,39 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
     assert torch.allclose(inputs.features.labeled, extract_features(model, labeled.images), atol=1e-5)
     assert torch.allclose(inputs.features.test, extract_features(model, test.images), atol=1e-5)
     assert torch.equal(inputs.labels, labeled.labels) and torch.equal(inputs.test_labels, test.labels)
-    # Images are held for the validation split and each seed's fine-tuning split only, and are the right ones.
+    # Images are held for each seed's fine-tuning budget only, and are the right ones.
     seeds = cfg.evaluate.seeds
-    finetune = [inputs.splits[seed, 0.1] for seed in seeds]
+    finetune = [
+        torch.cat([inputs.splits[seed, TEN_PCT].train, inputs.splits[seed, TEN_PCT].select]) for seed in seeds
+    ]
     assert len(seeds) > 1 and not torch.equal(finetune[0], finetune[1])
-    held = set(inputs.validation.tolist()).union(*(set(idx.tolist()) for idx in finetune))
+    held = set().union(*(set(idx.tolist()) for idx in finetune))
     assert len(inputs.held) == len(held) < len(inputs.labels)
     assert torch.equal(inputs.images(finetune[1]), labeled.images[finetune[1]])
+
+    # A cell reads no label outside its budget: with every other label changed, every other labeled
+    # feature and held image replaced, each protocol's trial predicts and validates exactly as before.
+    budget = finetune[0]
+    outside = torch.ones(len(inputs.labels), dtype=torch.bool)
+    outside[budget] = False
+    g = torch.Generator().manual_seed(7)
+    labels = inputs.labels.clone()
+    labels[outside] = (labels[outside] + torch.randint(1, 10, (int(outside.sum()),), generator=g)) % 10
+    features = inputs.features.labeled.clone()
+    features[outside] = torch.randn(features[outside].shape, generator=g)
+    held_images = inputs.held_images.clone()
+    held_images[~torch.isin(inputs.held, budget)] = 0
+    scrambled = replace(
+        inputs, labels=labels, features=Features(features, inputs.features.test), held_images=held_images
+    )
+    cells = [spec for spec in trial_specs(cfg, seeds[0], search=False) if spec.budget == TEN_PCT]
+    assert sorted(spec.protocol for spec in cells) == sorted(evaluate.PROTOCOLS)
+    for spec in cells:
+        honest, other = run_trial(cfg, spec, inputs), run_trial(cfg, spec, scrambled)
+        assert honest.val_accuracy == other.val_accuracy, spec.protocol
+        assert torch.equal(honest.test_predictions, other.test_predictions), spec.protocol
     # Each seed starts the baseline from its own initialisation; the pretrained arm from the encoder.
-    specs = {(p, s): TrialSpec(p, 0.1, s, {}) for p in ("supervised", "finetune") for s in seeds[:2]}
+    specs = {(p, s): TrialSpec(p, TEN_PCT, s, {}) for p in ("supervised", "finetune") for s in seeds[:2]}
     weights = {k: next(trial_encoder(cfg, inputs, spec).parameters()) for k, spec in specs.items()}
     assert not torch.equal(weights["supervised", seeds[0]], weights["supervised", seeds[1]])
     assert torch.equal(weights["finetune", seeds[0]], weights["finetune", seeds[1]])
@@ -247,7 +312,7 @@ def test_sweep_command_evaluates_the_encoder_of_a_pretraining_run(
     assert swept.returncode == 0, swept.stdout + swept.stderr
     assert (
         "fine-tune" in swept.stdout
-        and "At 10% labels, finetune from the pretrained encoder is" in swept.stdout
+        and "With 10% of the labels, finetune from the pretrained encoder is" in swept.stdout
     )
     sweep_run = re.search(r"MLflow sweep run (\w+);", swept.stdout).group(1)  # type: ignore[union-attr]
     uri = f"sqlite:///{workspace / 'mlflow.db'}"

@@ -1,17 +1,29 @@
 import pytest
 
-from tasks.evaluate import CellResult, LabelEfficiency, PairedGain, metric_name
+from tasks.evaluate import CellResult, LabelBudget, LabelEfficiency, PairedGain, metric_name
+
+ONE_PCT = LabelBudget(fraction=0.01)
 
 
 def cell(protocol: str, fraction: float, *accuracies: float) -> CellResult:
     seeds = tuple(range(len(accuracies)))
-    return CellResult(protocol, fraction, round(fraction * 60000), {}, seeds, accuracies, accuracies)
+    budget = LabelBudget(fraction=fraction)
+    return CellResult(protocol, budget, round(fraction * 60000), {}, seeds, accuracies, accuracies)
 
 
-def test_metric_names() -> None:
-    assert metric_name("knn", 0.01) == "knn_top1_1pct"
-    assert metric_name("linear", 1.0) == "linear_top1_100pct"
-    assert metric_name("linear", 0.005) == "linear_top1_0_5pct"
+def test_budget_and_metric_names() -> None:
+    assert metric_name("knn", ONE_PCT) == "knn_top1_1pct"
+    assert metric_name("linear", LabelBudget(fraction=1.0)) == "linear_top1_100pct"
+    assert metric_name("linear", LabelBudget(fraction=0.005)) == "linear_top1_0_5pct"
+    ten = LabelBudget(per_class=10)
+    assert metric_name("finetune", ten) == "finetune_top1_10_per_class"
+    assert (str(ten), ten.phrase, ONE_PCT.phrase) == ("10 a class", "10 labels a class", "1% of the labels")
+    # Labels per class first (the scarce ones), then fractions.
+    assert sorted([LabelBudget(fraction=0.1), ONE_PCT, ten], key=LabelBudget.sort_key) == [
+        ten,
+        ONE_PCT,
+        LabelBudget(fraction=0.1),
+    ]
 
 
 def test_gain_over_supervised_only_where_both_were_measured() -> None:
@@ -24,8 +36,12 @@ def test_gain_over_supervised_only_where_both_were_measured() -> None:
         )
     )
     gains = evaluation.gains_over_supervised("finetune")
-    assert list(gains) == [0.01] and abs(gains[0.01].mean - 0.03) < 1e-9 and gains[0.01].interval is None
-    assert abs(evaluation.gains_over_supervised("linear")[0.01].mean + 0.01) < 1e-9
+    assert (
+        list(gains) == [ONE_PCT]
+        and abs(gains[ONE_PCT].mean - 0.03) < 1e-9
+        and gains[ONE_PCT].interval is None
+    )
+    assert abs(evaluation.gains_over_supervised("linear")[ONE_PCT].mean + 0.01) < 1e-9
     metrics = evaluation.metrics()
     assert metrics["linear_top1_100pct"] == 0.86
     assert abs(metrics["gain_linear_vs_supervised_1pct"] + 0.01) < 1e-9
@@ -41,9 +57,9 @@ def test_a_cell_reports_mean_and_sample_std_over_its_seeds() -> None:
 
 
 def test_a_gain_pairs_the_seeds_and_has_a_student_t_interval() -> None:
-    ours = CellResult("finetune", 0.01, 600, {}, (0, 1, 2, 3), (0.83, 0.85, 0.84, 0.90), (0.0,) * 4)
+    ours = CellResult("finetune", ONE_PCT, 600, {}, (0, 1, 2, 3), (0.83, 0.85, 0.84, 0.90), (0.0,) * 4)
     # The baseline's seeds in another order, and seed 3 missing: pairs are by seed, 3 is left out.
-    baseline = CellResult("supervised", 0.01, 600, {}, (2, 0, 1), (0.82, 0.80, 0.81), (0.0,) * 3)
+    baseline = CellResult("supervised", ONE_PCT, 600, {}, (2, 0, 1), (0.82, 0.80, 0.81), (0.0,) * 3)
     gain = PairedGain.of(ours, baseline)
     assert gain.seeds == (0, 1, 2) and gain.mean == pytest.approx(0.03)
     # Differences 0.03, 0.04, 0.02: sd 0.01, t(0.975, 2 df) = 4.3027.
@@ -52,4 +68,4 @@ def test_a_gain_pairs_the_seeds_and_has_a_student_t_interval() -> None:
     metrics = LabelEfficiency((ours, baseline)).metrics()
     assert metrics["gain_finetune_vs_supervised_1pct_ci_low"] == pytest.approx(0.03 - half)
     with pytest.raises(ValueError, match="share no seed"):
-        PairedGain.of(ours, CellResult("supervised", 0.01, 600, {}, (9,), (0.8,), (0.0,)))
+        PairedGain.of(ours, CellResult("supervised", ONE_PCT, 600, {}, (9,), (0.8,), (0.0,)))

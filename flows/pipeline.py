@@ -162,7 +162,8 @@ def _files_exist(result: data.PreparedData | PretrainingResult | SweepResult) ->
     elif isinstance(result, PretrainingResult):
         paths = [result.pretrain.encoder_path, result.pretrain.checkpoint_path]
     else:
-        paths = [str(result.sweep.best_model_path), str(result.sweep.test_predictions_path)]
+        sweep = result.sweep
+        paths = [str(sweep.best_model_path), str(sweep.test_predictions_path), str(sweep.test_features_path)]
     return all(Path(p).exists() for p in paths)
 
 

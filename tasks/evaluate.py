@@ -15,6 +15,7 @@ config once, in process.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,6 +56,10 @@ class LabelBudget:
     def __post_init__(self) -> None:
         if (self.fraction is None) == (self.per_class is None):
             raise ValueError("a label budget is a fraction or a number of labels a class, exactly one")
+        if self.fraction is not None and not 0 < self.fraction <= 1:
+            raise ValueError(f"a label fraction is in (0, 1], not {self.fraction}")
+        if self.per_class is not None and self.per_class < 1:
+            raise ValueError(f"a budget per class is at least one label, not {self.per_class}")
 
     @property
     def name(self) -> str:
@@ -76,9 +81,9 @@ class LabelBudget:
 
     def draw(self, labels: torch.Tensor, seed: int) -> torch.Tensor:
         """Sorted indices into ``labels``; with one seed, a seed's budgets are nested."""
-        if self.per_class:
-            return per_class_subset(labels, self.per_class, seed)
-        return stratified_subset(labels, self._percent / 100, seed)
+        if self.fraction is None:
+            return per_class_subset(labels, self.per_class or 0, seed)
+        return stratified_subset(labels, self.fraction, seed)
 
     @property
     def _percent(self) -> float:
@@ -265,10 +270,16 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     ids, labels = streaming.ids_and_labels(cfg, data.labeled)
     splits = label_splits(labels, ev, cfg.seed)
     fine_tuned = [splits[s, b] for s in ev.seeds for b in protocol_budgets(ev)["finetune"]]
-    held = torch.cat([i for split in fine_tuned for i in (split.train, split.select)]).unique()  # sorted
-    held_images = streaming.read_images(
-        cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
-    ).images
+    parts = [i for split in fine_tuned for i in (split.train, split.select)]
+    held = torch.cat(parts).unique() if parts else torch.empty(0, dtype=torch.long)  # sorted
+    if parts:
+        held_images = streaming.read_images(
+            cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
+        ).images
+    else:  # nothing is fine-tuned: the frozen protocols read features only
+        held_images = torch.empty(
+            0, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8
+        )
     _, test_labels = streaming.ids_and_labels(cfg, data.test)
     test = streaming.image_dataset(cfg, data.test, labeled=True)
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)
@@ -425,6 +436,13 @@ class CellResult:
     @property
     def std(self) -> float:
         return float(np.std(self.test_accuracies, ddof=1)) if len(self.test_accuracies) > 1 else 0.0
+
+
+def wilson_lower_bound(accuracy: float, n: int, z: float = 1.959964) -> float:
+    """The lower end of the 95% Wilson score interval of an accuracy measured on ``n`` images."""
+    centre = accuracy + z * z / (2 * n)
+    spread = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n))
+    return (centre - spread) / (1 + z * z / n)
 
 
 @dataclass(frozen=True)

@@ -238,15 +238,6 @@ def decide(
         )
     if set(challenger.class_accuracy) != set(champion.class_accuracy):
         return verdict(False, "the challenger and the champion name different classes")
-    if paired is None:
-        return verdict(
-            False,
-            f"the challenger's or the champion's (version {champion_version}) test predictions are not "
-            "saved; the gate compares the two image by image",
-        )
-    new, old = paired
-    if new.classes != old.classes or not torch.equal(new.labels, old.labels):
-        return verdict(False, "the challenger's and the champion's saved test labels differ")
     delta = challenger.accuracy - champion.accuracy
     scores = (
         f"test accuracy {100 * challenger.accuracy:.2f}% vs the champion's {100 * champion.accuracy:.2f}%"
@@ -259,6 +250,16 @@ def decide(
             f"{scores}: {delta * 100:+.2f} points, below the margin of {_points(policy.margin)}",
             delta=delta,
         )
+    if paired is None:
+        return verdict(
+            False,
+            f"{scores}, but the challenger's or the champion's (version {champion_version}) test "
+            "predictions are not saved; the gate compares the two image by image",
+            delta=delta,
+        )
+    new, old = paired
+    if new.classes != old.classes or not torch.equal(new.labels, old.labels):
+        return verdict(False, "the challenger's and the champion's saved test labels differ", delta=delta)
     test = McNemar.of(new.correct, old.correct)
     p = test.p_better()
     evidence = f"{test.gained} images gained, {test.lost} lost: one-sided exact McNemar p = {p:.2g}"

@@ -45,6 +45,7 @@ from tasks.evaluate import (
     eval_inputs,
     run_trial,
     trial_specs,
+    wilson_lower_bound,
 )
 from tasks.pretrain import progress_logger, storage
 from tasks.promotion import HeldOutPredictions
@@ -214,7 +215,7 @@ class SweepOutput(LabelEfficiency):
     name: str = ""
     folder: str = ""  # the driver's copy of the best model, its test predictions and the figures' data
     trials: tuple[TrialRecord, ...] = ()
-    best_cell: str = ""  # the cell whose model is the sweep's best (by validation accuracy)
+    best_cell: str = ""  # the cell whose model is the sweep's best (``_assured_accuracy``)
     classes: tuple[str, ...] = ()
     seconds: float = 0.0  # wall time, from the data to the saved best model
 
@@ -371,7 +372,7 @@ def run_sweep(
         )
     cells.sort(key=lambda c: (c.budget.sort_key(), PROTOCOLS.index(c.protocol)))
     with_model = [c for c in cells if c.protocol in ("linear", "finetune")]
-    best_cell = max(with_model, key=lambda c: float(np.mean(c.val_accuracies)))
+    best_cell = max(with_model, key=lambda c: _assured_accuracy(c, inputs))
     best = selected[best_cell.cell]
     folder = cfg.workspace_path / "sweeps" / name
     _save_best(cfg, inputs, best, folder)
@@ -379,6 +380,14 @@ def run_sweep(
     return SweepOutput(
         tuple(cells), name, str(folder), tuple(records), best.spec.cell, inputs.classes, seconds
     )
+
+
+def _assured_accuracy(cell: CellResult, inputs: EvalInputs) -> float:
+    """The 95% lower bound of a cell's validation accuracy over the images it was measured on:
+    cells measured on few labels (a small budget's selection share) do not win the registered
+    model on a lucky score. With one shared validation split this orders cells as their mean does."""
+    n = sum(len(inputs.splits[seed, cell.budget].select) for seed in cell.seeds)
+    return wilson_lower_bound(float(np.mean(cell.val_accuracies)), n)
 
 
 def _save_best(cfg: PipelineConfig, inputs: EvalInputs, best: TrialRecord, folder: Path) -> None:

@@ -130,8 +130,8 @@ def test_a_class_that_regresses_beyond_the_tolerance_blocks_promotion() -> None:
     assert not beyond.promote
     assert beyond.regressions == {"shirt": pytest.approx(0.03, abs=1e-6)}
     assert "'shirt' loses 3.00 points" in beyond.reason
-    # The same 3 points lost where the two models disagree on 40% of the shirts: 230 shirts lost
-    # against 200 gained is not a loss with 95% confidence.
+    # The same 3 points lost where the two models disagree on 37% of the shirts: 200 shirts lost
+    # against 170 gained is not a loss with 95% confidence.
     noisy = gate(scored(0.82, (0.77, 0.87, 0.82), offset=200), champion)
     assert noisy.promote and noisy.regressions == {}
 
@@ -359,7 +359,7 @@ def test_a_failure_at_any_step_before_the_alias_move_leaves_the_registry_unchang
 ) -> None:
     if history == "with champion":
         new_challenger(cfg, scored(0.80))
-        new_challenger(cfg, scored(0.81))  # rejected: v2 is the challenger
+        new_challenger(cfg, scored(0.81))  # promoted: v2 is the champion, v1 the previous one
     before = snapshot(cfg)
     real = client_for(cfg)
     fail_at, steps = 1, []

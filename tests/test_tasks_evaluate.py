@@ -1,6 +1,13 @@
 import pytest
 
-from tasks.evaluate import CellResult, LabelBudget, LabelEfficiency, PairedGain, metric_name
+from tasks.evaluate import (
+    CellResult,
+    LabelBudget,
+    LabelEfficiency,
+    PairedGain,
+    metric_name,
+    wilson_lower_bound,
+)
 
 ONE_PCT = LabelBudget(fraction=0.01)
 
@@ -69,3 +76,10 @@ def test_a_gain_pairs_the_seeds_and_has_a_student_t_interval() -> None:
     assert metrics["gain_finetune_vs_supervised_1pct_ci_low"] == pytest.approx(0.03 - half)
     with pytest.raises(ValueError, match="share no seed"):
         PairedGain.of(ours, CellResult("supervised", ONE_PCT, 600, {}, (9,), (0.8,), (0.0,)))
+
+
+def test_a_perfect_score_on_20_labels_is_less_assured_than_85_percent_on_12000() -> None:
+    """What picks the registered model across cells whose selection labels differ in number."""
+    assert wilson_lower_bound(1.0, 20) == pytest.approx(0.8389, abs=1e-4)  # 20 / (20 + 1.96^2)
+    assert wilson_lower_bound(0.85, 12000) == pytest.approx(0.8435, abs=1e-4)
+    assert wilson_lower_bound(0.5, 100) < 0.5 < wilson_lower_bound(0.5, 10**9) + 1e-4

@@ -25,6 +25,7 @@ from prefect.transactions import Transaction, get_transaction, transaction
 
 from tasks import (
     data,
+    evaluate,
     orchestration,
     plots,
     pretrain,
@@ -56,6 +57,7 @@ sweep_figures = _task(plots.sweep_figures, "sweep-figures")
 log_sweep = _task(tracking.log_sweep, "log-sweep")
 log_classifier = _task(tracking.log_classifier, "log-model")
 evaluate_model = _task(promotion.evaluate_saved_predictions, "evaluate-model")
+check_label_budgets = _task(evaluate.check_label_budgets, "check-label-budgets")
 hash_weights = _task(promotion.weights_sha256, "hash-model-weights")
 champion_data = _task(registry.unchanged_since_champion, "compare-with-champion-data")
 end_run = _task(tracking.end_run, "end-mlflow-run")
@@ -338,6 +340,7 @@ def ssl_pipeline(
     prepared = _data(cfg, refresh)
     if only_if_new_data and (reason := champion_data(cfg, prepared)):
         return PipelineResult(prepared, skipped=reason)
+    check_label_budgets(cfg, prepared)
     pretraining = _pretraining(cfg, prepared, refresh)
     swept = _sweep(cfg, prepared, pretraining, refresh)
     return PipelineResult(prepared, pretraining, swept, _promotion(cfg, prepared, pretraining, swept))

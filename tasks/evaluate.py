@@ -234,6 +234,12 @@ def label_splits(
     return splits
 
 
+def check_label_budgets(cfg: PipelineConfig, data: PreparedData) -> None:
+    """Fail now, naming the setting, where a label budget cannot be drawn from the labeled set
+    (before pretraining spends its time, not when the sweep starts). Reads the labels only."""
+    label_splits(streaming.ids_and_labels(cfg, data.labeled)[1], cfg.evaluate, cfg.seed)
+
+
 def encoder_digest(encoder_path: str | Path) -> str:
     return hashlib.sha256(Path(encoder_path).read_bytes()).hexdigest()
 

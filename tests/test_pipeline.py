@@ -65,6 +65,19 @@ def test_bad_config_fails_before_any_work_naming_the_key(tmp_path: Path) -> None
     assert not (tmp_path / "ws").exists()
 
 
+def test_a_label_budget_the_data_cannot_hold_fails_before_pretraining(tmp_path: Path) -> None:
+    """One label a class leaves nothing to train on once a fifth is held out to select on: known as
+    soon as the labels are read, so pretraining never starts."""
+    out = smoke_run(tmp_path / "ws", "evaluate.labels_per_class=[1]", "data.dvc.enabled=false", timeout=600)
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "evaluate.selection_share: the budget of 1 a class (10 labels)" in out.stdout
+    assert "Task run 'check-label-budgets" in out.stdout + out.stderr
+    assert (
+        "pretrain epoch" not in out.stdout + out.stderr
+        and "Task run 'pretraining" not in out.stdout + out.stderr
+    )
+
+
 def read_test_set(data: Path, version: Any) -> tuple[np.ndarray, Any]:
     """The test set's images (N x H x W uint8, decoded from the shards' PNG bytes) and class indices
     in the order of the model's classes (the labeled set's, sorted)."""

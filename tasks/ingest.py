@@ -110,7 +110,11 @@ def decode(data: bytes, rules: ImageRules) -> Image.Image:
             if file.mode not in MODES:
                 raise BadImage(f"unsupported image mode {file.mode}")
             img = file.convert(rules.mode)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except UnidentifiedImageError as e:  # PIL's message names its BytesIO object, not the file
+        raise BadImage("cannot decode image: its bytes are in no image format PIL reads") from e
+    except Image.DecompressionBombError as e:
+        raise BadImage(f"cannot decode image: PIL refuses it for safety ({e})") from e
+    except (OSError, SyntaxError, ValueError) as e:
         raise BadImage(f"cannot decode image ({type(e).__name__}: {e})") from e
     width, height = img.size
     if min(height, width) < rules.min_side or max(height, width) > rules.max_side:

@@ -3,8 +3,10 @@ appends that never rewrite a file, and memory bounded whatever the size of the s
 
 import csv
 import io
+import struct
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +39,38 @@ def stored_bytes(folder: Path) -> list[bytes]:
         for shard in sorted((folder / "shards").glob("*.parquet"))
         for b in pq.read_table(shard)["image"].to_pylist()
     ]
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A PNG whose header declares ``width`` x ``height`` pixels (and holds almost none)."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_files_the_image_library_refuses_are_quarantined_with_a_plain_reason(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_png(src / "ok.png", seed=1)
+    (src / "bomb.png").write_bytes(png_claiming(60_000, 60_000))  # PIL's decompression-bomb check
+    (src / "notes.png").write_text("not an image at all")
+    report = ingest(folder_items(src, "unlabeled"), "unlabeled", tmp_path / "data", quarantine=tmp_path / "q")
+    assert (report.added, report.num_quarantined) == (1, 2)
+    reasons = dict(report.quarantined)
+    assert (
+        "PIL refuses it for safety (Image size (3600000000 pixels) exceeds limit"
+        in reasons[str(src / "bomb.png")]
+    )
+    assert (
+        reasons[str(src / "notes.png")] == "cannot decode image: its bytes are in no image format PIL reads"
+    )
 
 
 def test_folder_ingest_keeps_the_original_bytes_and_quarantines_bad_files(tmp_path: Path) -> None:

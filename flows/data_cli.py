@@ -106,6 +106,8 @@ def ingest(
     )
     for name, reason in report.quarantined[:10]:
         console.print(f"  quarantined {name}: {reason}")
+    for reason, count in sorted(report.skipped.items()):
+        console.print(f"  skipped {count}: {reason}", highlight=False)
     siblings = {
         p.name: p for p in (root / folder).parent.iterdir() if p.is_dir() and not p.name.startswith(".")
     }

@@ -29,7 +29,7 @@ from ssl_models.data import DataError, idx_file
 from tasks.config import PipelineConfig
 from tasks.ingest import ImageRules, IngestLimits, IngestReport, ingest
 from tasks.shards import KnownImages, is_dataset, manifest_parts, summarize
-from tasks.sources import Kind, SourceItem, idx_items, list_source, source_items
+from tasks.sources import Kind, SourceItem, first_images, idx_items, list_source, source_items
 
 DATASETS = ("unlabeled", "labeled", "test")
 TRAINING_SETS = ("unlabeled", "labeled")
@@ -111,7 +111,7 @@ def source_of(cfg: PipelineConfig, name: str) -> tuple[str, Callable[[], Iterato
         description = location
 
         def items() -> Iterator[SourceItem]:
-            return islice(source_items(location, _kind(name), d.source_endpoint_url), limit)
+            return first_images(source_items(location, _kind(name), d.source_endpoint_url), limit)
 
     return description, items
 

@@ -79,6 +79,8 @@ class IngestReport:
     duplicates_in_source: int = 0
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (source file, reason), the first 1,000
     num_quarantined: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> entries of the source not read
+    skipped_files: list[tuple[str, str]] = field(default_factory=list)  # (entry, reason), the first 1,000
     classes: list[str] = field(default_factory=list)
     total: int = 0  # images in the dataset after the ingest
     shards_written: int = 0
@@ -132,6 +134,8 @@ def pixel_moments(img: Image.Image) -> tuple[float, float]:
 
 def check(item: SourceItem, rules: ImageRules, s3_endpoint: str | None = None) -> Checked:
     """Read, decode, validate, hash and measure one image (runs in a worker thread)."""
+    if item.skipped:
+        return Checked(None, item.skipped)
     s3_client = None
     if item.name.startswith("s3://"):
         from tasks.s3 import shared_client
@@ -230,6 +234,11 @@ def ingest(
     classes = set(known_classes)
     try:
         for item, verdict in checked(items, rules, limits.threads, s3_endpoint):
+            if item.skipped:
+                report.skipped[item.skipped] = report.skipped.get(item.skipped, 0) + 1
+                if len(report.skipped_files) < LISTED_QUARANTINE:
+                    report.skipped_files.append((item.name, item.skipped))
+                continue
             if kind == "labeled":
                 if item.label is None:
                     raise DataError(f"{item.name}: labeled data needs a class for every image")

@@ -55,6 +55,10 @@ def s3_items(url: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[
             for obj in page.get("Contents", []):
                 key = obj["Key"]
                 if not is_image(key):
+                    if not key.endswith("/"):  # a folder marker is no file
+                        suffix = os.path.splitext(key)[1] or "no suffix"
+                        skipped = f"not an image file name ({suffix})"
+                        yield SourceItem(f"s3://{bucket}/{key}", None, int(obj["Size"]), skipped=skipped)
                     continue
                 relative = key[len(base) :] if key.startswith(base) else key[len(prefix) :].lstrip("/")
                 parts = relative.split("/")

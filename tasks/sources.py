@@ -35,6 +35,7 @@ class SourceItem:
     size: int = 0  # bytes, as listed (0: unknown)
     stamp: str = ""  # what changes when the image changes: size and mtime, an ETag, an IDX file's stat
     pixels: np.ndarray | None = None  # IDX only: the image itself (H, W) uint8
+    skipped: str = ""  # why the listing knows this entry is no image to read ("": it may be one)
 
     def read(self, s3_client: object | None = None) -> bytes:
         """The image's bytes as stored at the source (an IDX image is encoded as PNG)."""
@@ -60,29 +61,50 @@ def is_image(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES
 
 
-def _walk(folder: str) -> Iterator[os.DirEntry[str]]:
-    """Image files below ``folder`` in sorted order, one directory's entries in memory at a time."""
-    with os.scandir(folder) as entries:
-        ordered = sorted(entries, key=lambda e: e.name)
+def _walk(folder: str) -> Iterator[tuple[str, str]]:
+    """Every entry below ``folder`` in sorted order, with why it is skipped ("" for an image file);
+    one directory's entries in memory at a time. Links to folders are not followed (no loops)."""
+    try:
+        with os.scandir(folder) as entries:
+            ordered = sorted(entries, key=lambda e: e.name)
+    except OSError as e:
+        yield folder, f"a folder that cannot be listed ({e.strerror})"
+        return
     for entry in ordered:
         if entry.is_dir(follow_symlinks=False):
             yield from _walk(entry.path)
-        elif entry.is_file() and is_image(entry.name):
-            yield entry
+        else:
+            yield entry.path, _why_not_an_image(entry)
+
+
+def _why_not_an_image(entry: os.DirEntry[str]) -> str:
+    if entry.is_symlink() and not os.path.exists(entry.path):
+        return "a broken link"
+    if entry.is_dir():
+        return "a link to a folder (not followed)"
+    if not entry.is_file():
+        return "not a regular file"
+    if not is_image(entry.name):
+        return f"not an image file name ({os.path.splitext(entry.name)[1] or 'no suffix'})"
+    return ""
 
 
 def folder_items(root: Path, kind: Kind) -> Iterator[SourceItem]:
-    """Every image file below ``root``; for ``labeled``, the class is the first sub-folder."""
+    """Every entry below ``root``: image files, and the rest marked with why they are skipped; for
+    ``labeled``, the class is an image's first sub-folder."""
     if not root.is_dir():
         raise DataError(f"{root}: not a folder")
     found = False
-    for entry in _walk(str(root)):
-        relative = Path(entry.path).relative_to(root)
+    for path, skipped in _walk(str(root)):
+        if skipped:
+            yield SourceItem(path, None, skipped=skipped)
+            continue
+        relative = Path(path).relative_to(root)
         if kind == "labeled" and len(relative.parts) < 2:
-            raise DataError(f"{entry.path}: a labeled folder holds images in one sub-folder per class")
-        stat = entry.stat()
+            raise DataError(f"{path}: a labeled folder holds images in one sub-folder per class")
+        stat = os.stat(path)
         label = relative.parts[0] if kind == "labeled" else None
-        yield SourceItem(entry.path, label, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}")
+        yield SourceItem(path, label, stat.st_size, f"{stat.st_size}:{stat.st_mtime_ns}")
         found = True
     if not found:
         raise DataError(f"{root}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -168,6 +190,16 @@ def table_items(table: Path, kind: Kind, root: str | None = None) -> Iterator[So
         raise DataError(f"{table}: the label table has no rows")
 
 
+def first_images(items: Iterator[SourceItem], limit: int | None) -> Iterator[SourceItem]:
+    """``items`` up to and including the ``limit``-th image (skipped entries do not count)."""
+    images = 0
+    for item in items:
+        if limit is not None and images >= limit:
+            return
+        yield item
+        images += not item.skipped
+
+
 def source_items(location: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[SourceItem]:
     """The images at ``location``: ``s3://bucket/prefix``, a .csv/.parquet label table, or a folder."""
     if location.startswith("s3://"):
@@ -193,7 +225,8 @@ def list_source(items: Iterator[SourceItem]) -> SourceListing:
     h = hashlib.sha256()
     count = size = 0
     for item in items:
-        h.update(f"{item.name}\0{item.label}\0{item.size}\0{item.stamp}\n".encode())
-        count += 1
-        size += item.size
+        h.update(f"{item.name}\0{item.label}\0{item.size}\0{item.stamp}\0{item.skipped}\n".encode())
+        if not item.skipped:
+            count += 1
+            size += item.size
     return SourceListing(h.hexdigest(), count, size)

@@ -3,6 +3,7 @@ appends that never rewrite a file, and memory bounded whatever the size of the s
 
 import csv
 import io
+import os
 import struct
 import threading
 import time
@@ -20,7 +21,7 @@ from bench.photos import write_photo_folder
 from ssl_models.data import DataError, read_idx
 from tasks.ingest import ImageRules, IngestLimits, ingest
 from tasks.shards import KnownImages, read_manifest, remove_uncommitted, summarize
-from tasks.sources import folder_items, idx_items, list_source, source_items, table_items
+from tasks.sources import first_images, folder_items, idx_items, list_source, source_items, table_items
 
 
 def write_png(path: Path, seed: int, size: int = 28, mode: str = "L") -> None:
@@ -71,6 +72,37 @@ def test_files_the_image_library_refuses_are_quarantined_with_a_plain_reason(tmp
     assert (
         reasons[str(src / "notes.png")] == "cannot decode image: its bytes are in no image format PIL reads"
     )
+
+
+def test_every_entry_of_a_folder_is_read_or_skipped_with_a_reason(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    write_png(src / "a.png", seed=1)
+    write_png(src / "sub" / "b.png", seed=2)
+    (src / "README.txt").write_text("about these scans")
+    (src / ".DS_Store").write_bytes(b"\0")
+    (src / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (src / "sub" / "loop").symlink_to(src)  # a link to a folder above it: not followed, no loop
+    (src / "linked.png").symlink_to(src / "a.png")  # a link to a file is read (a duplicate here)
+    os.mkfifo(src / "pipe.png")  # reading it would block for ever
+    report = ingest(folder_items(src, "unlabeled"), "unlabeled", tmp_path / "data", quarantine=tmp_path / "q")
+    assert (report.added, report.duplicates_in_source, report.num_quarantined) == (2, 1, 0)
+    assert report.skipped == {
+        "not an image file name (.txt)": 1,
+        "not an image file name (no suffix)": 1,
+        "a broken link": 1,
+        "a link to a folder (not followed)": 1,
+        "not a regular file": 1,
+    }
+    assert dict(report.skipped_files)[str(src / "sub" / "loop")] == "a link to a folder (not followed)"
+    listing = list_source(folder_items(src, "unlabeled"))
+    assert (listing.count, listing.bytes) == (
+        3,
+        sum((src / n).stat().st_size for n in ("a.png", "sub/b.png", "linked.png")),
+    )
+    # A limit counts images, not the entries skipped on the way.
+    assert [i.name for i in first_images(folder_items(src, "unlabeled"), 1) if not i.skipped] == [
+        str(src / "a.png")
+    ]
 
 
 def test_folder_ingest_keeps_the_original_bytes_and_quarantines_bad_files(tmp_path: Path) -> None:

@@ -225,8 +225,9 @@ def list_source(items: Iterator[SourceItem]) -> SourceListing:
     h = hashlib.sha256()
     count = size = 0
     for item in items:
-        h.update(f"{item.name}\0{item.label}\0{item.size}\0{item.stamp}\0{item.skipped}\n".encode())
-        if not item.skipped:
-            count += 1
-            size += item.size
+        if item.skipped:  # not data: a README beside the images changes no version
+            continue
+        h.update(f"{item.name}\0{item.label}\0{item.size}\0{item.stamp}\n".encode())
+        count += 1
+        size += item.size
     return SourceListing(h.hexdigest(), count, size)

@@ -341,17 +341,21 @@ def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_
     killed = Path(log.name).read_text()
     assert "Task run 'prepare-data" in killed and "sweep-and-log-model" not in killed
 
+    def rerun(report: Path, timeout: int) -> str:
+        """The same command with ``--report``; its output, once it has succeeded."""
+        done = subprocess.run(
+            [*CLI, *args, "--report", str(report)],
+            cwd=tmp_path,
+            env=run_cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        return done.stdout + done.stderr
+
     report = tmp_path / "resumed.json"
-    resumed = subprocess.run(
-        [*CLI, *args, "--report", str(report)],
-        cwd=tmp_path,
-        env=run_cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    output = resumed.stdout + resumed.stderr
+    output = rerun(report, 900)
     # The data stage's tensors came from the cache the killed run left.
     assert re.search(r"Task run 'prepare-data-\w+' - Finished in state Cached", output), output[-3000:]
     # Pretraining resumed from the last checkpoint Ray registered: only the epochs after it ran again.
@@ -365,24 +369,15 @@ def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_
     # The same command again: every stage from the cache (the same MLflow runs), nothing trained,
     # nothing registered.
     again_report = tmp_path / "again.json"
-    again = subprocess.run(
-        [*CLI, *args, "--report", str(again_report)],
-        cwd=tmp_path,
-        env=run_cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    output = again.stdout + again.stderr
+    output = rerun(again_report, 600)
     for stage in ("prepare-data", "pretraining", "sweep-and-log-model"):
         assert re.search(rf"Task run '{stage}-\w+' - Finished in state Cached", output), stage
     assert _epochs(output) == [] and "Task run 'sweep-" not in output.replace("sweep-and-log-model", "")
     assert "not registered: version 1 already holds these weights" in output
-    first, second = json.loads(report.read_text()), json.loads(again_report.read_text())
-    assert (second["registered"], second["model_version"]) == (False, "1")
+    resumed, again = json.loads(report.read_text()), json.loads(again_report.read_text())
+    assert (again["registered"], again["model_version"]) == (False, "1")
     runs = ("pretrain_run_id", "sweep_run_id")
-    assert [second[k] for k in runs] == [first[k] for k in runs]
+    assert [again[k] for k in runs] == [resumed[k] for k in runs]
 
 
 def _fashion_folders(fashion_mnist_dir: Path, root: Path) -> dict[str, Path]:

@@ -88,8 +88,8 @@ def start_watching(cfg: PipelineConfig) -> threading.Event | None:
     o = cfg.orchestration
     if not o.watch:
         return None
-    # The first poll, one period in (after the deployment and its trigger exist), records the
-    # images already there, unless an earlier serve recorded a count: then it counts from that.
+    # The first poll, one period in, records the images already there, unless an earlier serve
+    # recorded a count: then it counts from that.
     watch = Watch(o.watch, cfg.workspace_path / "prefect", o.min_new_images, o.watch_endpoint_url)
     stop = threading.Event()
     threading.Thread(target=_poll, args=(watch, o.poll_seconds, stop), name="watch", daemon=True).start()
@@ -97,10 +97,13 @@ def start_watching(cfg: PipelineConfig) -> threading.Event | None:
 
 
 def serve_retraining(cfg: PipelineConfig, config: str, profile: str, overrides: list[str]) -> None:
-    """Serve the deployment in this process until interrupted (what ``ssl-pipeline serve`` runs)."""
+    """Serve the deployment in this process until interrupted (what ``ssl-pipeline serve`` runs).
+    The deployment and its trigger exist before the watch starts: no event is emitted unheard."""
+    retraining = deployment(cfg, config, profile, overrides)
+    retraining.apply()
     stop = start_watching(cfg)
     try:
-        serve(deployment(cfg, config, profile, overrides))
+        serve(retraining)
     finally:
         if stop:
             stop.set()

@@ -6,12 +6,15 @@ Each backbone exposes ``num_features`` so heads can be sized without a dummy for
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision.models import ResNet, resnet18, resnet50
-from torchvision.models.vision_transformer import VisionTransformer
+
+if TYPE_CHECKING:  # torchvision.models imports torch._dynamo: seconds in every process that loads us
+    from torchvision.models import ResNet
+    from torchvision.models.vision_transformer import VisionTransformer
 
 
 class SmallCNN(nn.Module):
@@ -131,6 +134,8 @@ def _vit(name: str, hidden_dim: int, num_heads: int) -> Callable[[int, int], nn.
         patch = 4 if image_size <= 64 else 16
         if image_size % patch:
             raise ValueError(f"{name} needs image_size divisible by {patch}, got {image_size}")
+        from torchvision.models.vision_transformer import VisionTransformer
+
         vit = VisionTransformer(
             image_size=image_size,
             patch_size=patch,
@@ -148,12 +153,21 @@ _vit_tiny = _vit("vit_tiny", hidden_dim=192, num_heads=3)
 _vit_small = _vit("vit_small", hidden_dim=384, num_heads=6)
 
 
+def _resnet(name: str) -> Callable[[int, int], nn.Module]:
+    def factory(in_channels: int, image_size: int) -> nn.Module:
+        from torchvision import models
+
+        return _ResNetTrunk(getattr(models, name)(), in_channels, image_size)
+
+    return factory
+
+
 BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {
     "small_cnn": lambda in_channels, image_size: SmallCNN(in_channels),
     # A quarter of small_cnn's parameters: the distillation student.
     "tiny_cnn": lambda in_channels, image_size: SmallCNN(in_channels, (8, 16, 32, 64)),
-    "resnet18": lambda in_channels, image_size: _ResNetTrunk(resnet18(), in_channels, image_size),
-    "resnet50": lambda in_channels, image_size: _ResNetTrunk(resnet50(), in_channels, image_size),
+    "resnet18": _resnet("resnet18"),
+    "resnet50": _resnet("resnet50"),
     "vit_tiny": _vit_tiny,
     "vit_small": _vit_small,
 }

@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy import stats
 from torch import nn
 
 from ssl_models import Encoder
@@ -471,6 +470,8 @@ class PairedGain:
         mean = float(np.mean(differences))
         if len(differences) < 2:
             return cls(mean, None, seeds)
+        from scipy import stats  # not at import: a second in every Ray Tune trial's process
+
         half = float(stats.t.ppf(0.975, len(differences) - 1) * stats.sem(differences))
         return cls(mean, (mean - half, mean + half), seeds)
 

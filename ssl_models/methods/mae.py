@@ -16,7 +16,6 @@ from functools import partial
 
 import torch
 from torch import nn
-from torchvision.models.vision_transformer import EncoderBlock
 
 from ssl_models.augment import AugmentParams, augment
 from ssl_models.backbones import Encoder, ViTTrunk
@@ -74,6 +73,8 @@ class MAE(SSLMethod):
     backbones = ("vit_tiny", "vit_small")
 
     def __init__(self, backbone: nn.Module, params: MAEParams):
+        from torchvision.models.vision_transformer import EncoderBlock  # see ssl_models.backbones
+
         super().__init__(backbone, params)
         trunk = vit_trunk(backbone)
         dim = params.decoder_dim

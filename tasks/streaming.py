@@ -15,8 +15,10 @@ What comes back to the driver is small: ids and labels (``ids_and_labels``), fro
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
+import os
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -138,6 +140,25 @@ def quiet(context: DataContext | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
+FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
+
+
+@contextlib.contextmanager
+def footer_readers(files: int) -> Iterator[None]:
+    """Ray Data reads Parquet footers on a pool of actors made when a read is planned, 32 of them
+    unless ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` says otherwise: a process each, seconds apiece to
+    start on a small machine, for a version of a few shards. One per file here, at most 32; a
+    user's own setting wins."""
+    if FOOTER_READERS in os.environ:
+        yield
+        return
+    os.environ[FOOTER_READERS] = str(max(1, min(32, files)))
+    try:
+        yield
+    finally:
+        os.environ.pop(FOOTER_READERS, None)
+
+
 def _read(cfg: PipelineConfig, ref: DatasetRef, columns: list[str]) -> ray.data.Dataset:
     paths, filesystem = shard_locations(cfg, ref)
     context = DataContext.get_current()
@@ -148,7 +169,8 @@ def _read(cfg: PipelineConfig, ref: DatasetRef, columns: list[str]) -> ray.data.
     v2 = context.use_datasource_v2
     context.use_datasource_v2 = v2 and all(path.endswith(".parquet") for path in paths)
     try:
-        dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
+        with footer_readers(len(paths)):
+            dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
     finally:
         context.use_datasource_v2 = v2
     dataset = dataset.select_columns(columns)

@@ -62,7 +62,7 @@ def children(client: MlflowClient, run_id: str) -> list:  # type: ignore[type-ar
 def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path / "ws", "evaluate.labels_per_class=[5]")
+    cfg = config(tmp_path / "ws", "evaluate.labels_per_class=[5]", "evaluate.seeds=[0, 1]")
     data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
     reports: list[tuple[str, int, int]] = []
@@ -228,7 +228,7 @@ def test_a_separate_validation_split_is_shared_and_counted_in_every_cell() -> No
 def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_datasets(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = config(tmp_path / "ws")
+    cfg = config(tmp_path / "ws", "evaluate.seeds=[0, 1]")
     data = ingest_and_prepare(cfg)
     encoder = encoder_file(cfg, data)
     inputs = eval_inputs(cfg, data, encoder)

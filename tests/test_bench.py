@@ -79,7 +79,8 @@ def test_lightly_loader_batches_views_in_workers() -> None:
 def test_peers_bench_on_the_smoke_subset(tmp_path: Path) -> None:
     """Both frameworks trained and evaluated by the same code; the summary is computed from the rows."""
     out = tmp_path / "peers.json"
-    args = [*SMOKE, "--epochs", "1", "--workers", "0", "--seeds", "0", "1", "--throughput-steps", "2"]
+    args = [*SMOKE, "--epochs", "1", "--methods", "simclr", "--workers", "0", "--seeds", "0", "1"]
+    args += ["--throughput-steps", "2"]
     args += [
         "--warmup-steps",
         "1",
@@ -96,8 +97,6 @@ def test_peers_bench_on_the_smoke_subset(tmp_path: Path) -> None:
     assert [(r["framework"], r["method"]) for r in report["quality"]] == [
         ("ssl-pipeline", "simclr"),
         ("lightly", "simclr"),
-        ("ssl-pipeline", "byol"),
-        ("lightly", "byol"),
     ]
     for row in report["throughput"]:
         assert row["ratio"] == pytest.approx(row["ours"] / row["lightly"], rel=0.02)  # of rounded figures
@@ -180,8 +179,9 @@ def test_profile_splits_the_step_into_the_loops_phases(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_overhead_bench_runs_the_pipeline_and_the_bare_loop_on_the_same_work(tmp_path: Path) -> None:
     out = tmp_path / "overhead.json"
+    one_epoch = ["--set", "pretrain.epochs=1"]
     report = overhead.main(
-        [*SMOKE, *ONE_PCT_ON_SMOKE, "--workspace", str(tmp_path / "ws"), "--out", str(out)]
+        [*SMOKE, *ONE_PCT_ON_SMOKE, *one_epoch, "--workspace", str(tmp_path / "ws"), "--out", str(out)]
     )
     assert report["ratio"] == pytest.approx(report["run"]["seconds"] / report["bare"]["seconds"], rel=0.01)
     # the same evaluation cells on both sides: kNN and linear probe at 1% only

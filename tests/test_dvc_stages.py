@@ -41,8 +41,16 @@ def dvc(*args: str, cwd: Path) -> str:
 def test_dvc_repro_runs_the_stages_and_then_only_what_changed(tmp_path: Path) -> None:
     repo = tmp_path / "repo"
     repo.mkdir()
-    for name in ("dvc.yaml", "params.yaml"):
-        shutil.copy(REPO / name, repo / name)
+    shutil.copy(REPO / "dvc.yaml", repo / "dvc.yaml")
+    # The smoke profile with one pretraining epoch and two sweep cells (kNN and the linear probe on
+    # every label, one seed): the stages, not the sweep's grid, are what this test is about.
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    smoke = params["profiles"]["smoke"]
+    smoke["pretrain"]["epochs"] = 1
+    smoke["evaluate"].update(
+        label_fractions=[1.0], finetune_fractions=[], primary_protocol="linear", seeds=[0]
+    )
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for package in ("ssl_models", "tasks"):
         shutil.copytree(REPO / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     dvc("init", "--no-scm", "-q", cwd=repo)
@@ -55,10 +63,8 @@ def test_dvc_repro_runs_the_stages_and_then_only_what_changed(tmp_path: Path) ->
 
     assert "Running stage" not in dvc("repro", cwd=repo)
 
-    params = (repo / "params.yaml").read_text()
-    knn = "  knn: {k: 200, temperature: 0.1}\n"
-    assert knn in params
-    (repo / "params.yaml").write_text(params.replace(knn, knn.replace("0.1", "0.05")))
+    params["evaluate"]["knn"]["temperature"] = 0.05
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     third = dvc("repro", cwd=repo)
     assert "Running stage 'sweep'" in third
     assert "Running stage 'pretrain'" not in third and "Running stage 'prepare'" not in third

@@ -4,12 +4,7 @@ temporary database, no waiting for wall-clock time)."""
 
 from __future__ import annotations
 
-import contextlib
 import datetime
-import json
-import os
-import re
-import signal
 import subprocess
 import time
 from pathlib import Path
@@ -287,99 +282,6 @@ def test_ingesting_new_unlabeled_images_emits_the_event_the_trigger_expects(
 # Slow: the CLI and `ssl-pipeline serve` in their own processes, on real Fashion-MNIST.
 
 
-def _session_pids(sid: int) -> list[int]:
-    """Processes of a session (the CLI and what it started: Ray's GCS, raylet, workers)."""
-    out = subprocess.run(["ps", "-eo", "pid=,sid="], capture_output=True, text=True, check=True).stdout
-    return [int(pid) for pid, s in (line.split() for line in out.splitlines()) if int(s) == sid]
-
-
-def _kill_session(sid: int) -> None:
-    for pid in _session_pids(sid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-def _registered_step(workspace: Path) -> int:
-    """The step of the latest checkpoint Ray Train registered for the workspace's pretraining."""
-    for state in (workspace / "ray").glob("pretrain-*/checkpoint_manager_snapshot.json"):
-        with contextlib.suppress(ValueError, KeyError, TypeError):  # being written
-            return int(json.loads(state.read_text())["latest_checkpoint_result"]["metrics"]["step"])
-    return 0
-
-
-def _epochs(output: str) -> list[int]:
-    return [int(m) for m in re.findall(r"pretrain epoch (\d+)/\d+", output)]
-
-
-@pytest.mark.slow
-def test_a_run_killed_during_pretraining_resumes_from_the_checkpoint_and_cached_stages(
-    tmp_path: Path,
-) -> None:
-    from tests.test_pipeline import CLI, run_cli_env, smoke_args
-
-    workspace = tmp_path / "ws"
-    epochs = 8
-    args = smoke_args(workspace, f"pretrain.epochs={epochs}")  # 512 images, batch 128: 4 steps an epoch
-    log = (tmp_path / "killed.log").open("w+")
-    first = subprocess.Popen(
-        [*CLI, *args],
-        cwd=tmp_path,
-        env=run_cli_env(),
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 400
-        while (kept := _registered_step(workspace)) < 8:  # Ray has registered epoch 2's checkpoint
-            assert first.poll() is None, Path(log.name).read_text()[-3000:]
-            assert time.monotonic() < deadline, "pretraining never reached epoch 2"
-            time.sleep(0.05)
-    finally:
-        _kill_session(first.pid)  # SIGKILL: no handler runs, as when a machine dies
-        first.wait()
-    killed = Path(log.name).read_text()
-    assert "Task run 'prepare-data" in killed and "sweep-and-log-model" not in killed
-
-    def rerun(report: Path, timeout: int) -> str:
-        """The same command with ``--report``; its output, once it has succeeded."""
-        done = subprocess.run(
-            [*CLI, *args, "--report", str(report)],
-            cwd=tmp_path,
-            env=run_cli_env(),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-        return done.stdout + done.stderr
-
-    report = tmp_path / "resumed.json"
-    output = rerun(report, 900)
-    # The data stage's tensors came from the cache the killed run left.
-    assert re.search(r"Task run 'prepare-data-\w+' - Finished in state Cached", output), output[-3000:]
-    # Pretraining resumed from the last checkpoint Ray registered: only the epochs after it ran again.
-    step = json.loads(report.read_text())["pretrain_resumed_from_step"]
-    assert step >= kept and step % 4 == 0, (step, kept)
-    recomputed = _epochs(output)
-    assert recomputed == list(range(step // 4 + 1, epochs + 1)), (step, recomputed)
-    assert len(recomputed) <= epochs - 2
-    assert "version 1 promoted to champion" in output
-
-    # The same command again: every stage from the cache (the same MLflow runs), nothing trained,
-    # nothing registered.
-    again_report = tmp_path / "again.json"
-    output = rerun(again_report, 600)
-    for stage in ("prepare-data", "pretraining", "sweep-and-log-model"):
-        assert re.search(rf"Task run '{stage}-\w+' - Finished in state Cached", output), stage
-    assert _epochs(output) == [] and "Task run 'sweep-" not in output.replace("sweep-and-log-model", "")
-    assert "not registered: version 1 already holds these weights" in output
-    resumed, again = json.loads(report.read_text()), json.loads(again_report.read_text())
-    assert (again["registered"], again["model_version"]) == (False, "1")
-    runs = ("pretrain_run_id", "sweep_run_id")
-    assert [again[k] for k in runs] == [resumed[k] for k in runs]
-
-
 def _fashion_folders(fashion_mnist_dir: Path, root: Path) -> dict[str, Path]:
     """Fashion-MNIST as image folders: unlabeled (flat), labeled and test (one folder per class)."""
     train = read_idx(fashion_mnist_dir / "train-images-idx3-ubyte.gz")
@@ -419,7 +321,7 @@ def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
 
-    from tests.test_pipeline import CLI, run_cli_env, smoke_args
+    from tests.test_pipeline import CLI, kill_session, run_cli_env, smoke_args
 
     folders = _fashion_folders(fashion_mnist_dir, tmp_path / "images")
     workspace = tmp_path / "ws"
@@ -479,7 +381,7 @@ def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
             assert "Ended early (schedule run): no new data since the champion (version 1)" in messages
             assert len(registry_client.search_model_versions("name='ssl-pipeline-fashion-mnist'")) == 1
     finally:
-        _kill_session(served.pid)
+        kill_session(served.pid)
         served.wait()
 
 

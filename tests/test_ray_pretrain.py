@@ -2,16 +2,14 @@
 from the dataset's shards through Ray Data.
 
 Two gloo workers train on their dataset shards; a worker killed mid-run is restarted from the
-latest checkpoint (locally and in S3 on SeaweedFS) and ends where an uninterrupted run ends; a
-driver stopped mid-run is resumed by running the same command again; and there is one MLflow
-run per pretraining, each epoch logged once.
+latest checkpoint (in S3 on SeaweedFS) and ends where an uninterrupted run ends, with one MLflow
+run holding each epoch once. (A driver killed mid-run and resumed by the same command: the
+slow tests of tests/test_pipeline.py.)
 """
 
 from __future__ import annotations
 
 import os
-import re
-import signal
 import socket
 import subprocess
 import sys
@@ -148,66 +146,6 @@ def test_two_workers_train_on_their_shards_and_log_one_mlflow_run(
 
 
 @pytest.mark.slow
-def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(
-    ray_cluster: str, uninterrupted: list[dict[str, float]], fashion_mnist_dir: Path, tmp_path: Path
-) -> None:
-    cfg = config(tmp_path / "ws", "pretrain.epochs=4", "pretrain.checkpoint_every_steps=2")
-    data = ingest_and_prepare(cfg)
-    run_id = tracking.start_run(cfg, data)
-    killer = KillAWorkerAfterACheckpoint(cfg, data)
-    killer.start()
-    try:
-        out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
-    finally:
-        killer.done.set()
-    tracking.log_pretraining(cfg, run_id, out)
-    tracking.end_run(cfg, run_id)
-
-    assert killer.killed_after_step is not None, "no worker was killed: the run finished first"
-    # Resumed from the latest checkpoint when the worker died: at most one interval (2 steps) lost.
-    assert out.resumed_from_step >= killer.killed_after_step > 0
-    assert out.steps == 16
-    assert_same_losses(out.history, uninterrupted)
-    client, only = only_run(cfg)
-    assert only == run_id and client.get_run(run_id).info.status == "FINISHED"
-    assert_each_epoch_logged_once(client, run_id, out.history)
-
-
-@pytest.mark.slow
-def test_a_stopped_driver_resumes_when_the_same_command_runs_again(
-    ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
-) -> None:
-    workspace = tmp_path / "ws"
-    sets = ["pretrain.epochs=6", "pretrain.checkpoint_every_steps=2"]
-    cfg = config(workspace, *sets)
-    name = run_name(cfg, ingest_and_prepare(cfg))
-    overrides = [f"workspace={workspace}", "data.dvc.enabled=false", "data.unlabeled_limit=256"]
-    overrides += ["pretrain.batch_size=64", "ray.num_workers=2", "ray.cpus_per_worker=1", *sets]
-    command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
-    command += ["--profile", "smoke", *(arg for key in overrides for arg in ("--set", key))]
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
-    env.update(PYTHONPATH=str(REPO), COLUMNS="200", RAY_ADDRESS=ray_cluster)
-
-    driver = subprocess.Popen(
-        command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-    )
-    deadline = time.monotonic() + 300
-    while (checkpoint := latest_checkpoint(cfg, name)) is None and time.monotonic() < deadline:
-        assert driver.poll() is None, driver.communicate()[0].decode()
-        time.sleep(0.05)
-    driver.send_signal(signal.SIGINT)  # Ctrl-C
-    output = driver.communicate(timeout=120)[0].decode()
-    assert checkpoint is not None, output
-    stopped_after = checkpoint_step(checkpoint)
-    assert driver.returncode != 0 and 0 < stopped_after < 24, output
-
-    again = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0, again.stdout + again.stderr
-    resumed = int(re.search(r"24 steps, resumed from step (\d+)", again.stdout).group(1))
-    assert resumed >= stopped_after
-
-
-@pytest.mark.slow
 def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
     ray_cluster: str,
     uninterrupted: list[dict[str, float]],
@@ -228,18 +166,25 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
         f"ray.storage_endpoint_url={s3_server.endpoint_url}",
     )
     data = ingest_and_prepare(cfg)
+    run_id = tracking.start_run(cfg, data)
 
     killer = KillAWorkerAfterACheckpoint(cfg, data)
     killer.start()
     try:
-        out = pretrain_encoder(cfg, data)
+        out = pretrain_encoder(cfg, data, on_epoch_end=tracking.epoch_logger(cfg, run_id))
     finally:
         killer.done.set()
+    tracking.log_pretraining(cfg, run_id, out)
+    tracking.end_run(cfg, run_id)
     assert killer.killed_after_step is not None, "no worker was killed: the run finished first"
+    # Resumed from the latest checkpoint when the worker died: at most one interval (2 steps) lost.
     assert out.resumed_from_step >= killer.killed_after_step > 0 and out.steps == 16
     assert out.checkpoint_uri == f"s3://checkpoints/ray/{run_name(cfg, data)}/step-00000016"
     assert not (tmp_path / "ws" / "ray").exists()  # nothing of the run's state is local
     assert_same_losses(out.history, uninterrupted)
+    client, only = only_run(cfg)
+    assert only == run_id and client.get_run(run_id).info.status == "FINISHED"
+    assert_each_epoch_logged_once(client, run_id, out.history)
 
     # A new machine (empty workspace) running the same pretraining gets the result from S3.
     fresh = config(

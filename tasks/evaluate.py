@@ -190,8 +190,12 @@ class LabelSplit:
     select: torch.Tensor
 
     @property
-    def num_labels(self) -> int:
+    def indices(self) -> torch.Tensor:
         """Every label the cell uses, for training or for selection."""
+        return torch.cat([self.train, self.select])
+
+    @property
+    def num_labels(self) -> int:
         return len(self.train) + len(self.select)
 
 
@@ -275,16 +279,14 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     ids, labels = streaming.ids_and_labels(cfg, data.labeled)
     splits = label_splits(labels, ev, cfg.seed)
     fine_tuned = [splits[s, b] for s in ev.seeds for b in protocol_budgets(ev)["finetune"]]
-    parts = [i for split in fine_tuned for i in (split.train, split.select)]
-    held = torch.cat(parts).unique() if parts else torch.empty(0, dtype=torch.long)  # sorted
-    if parts:
-        held_images = streaming.read_images(
-            cfg, data.labeled, only=frozenset(ids[i] for i in held.tolist())
-        ).images
+    if fine_tuned:
+        held = torch.cat([split.indices for split in fine_tuned]).unique()  # sorted
+        only = frozenset(ids[i] for i in held.tolist())
+        held_images = streaming.read_images(cfg, data.labeled, only=only).images
     else:  # nothing is fine-tuned: the frozen protocols read features only
-        held_images = torch.empty(
-            0, cfg.data.channels, cfg.data.image_size, cfg.data.image_size, dtype=torch.uint8
-        )
+        held = torch.empty(0, dtype=torch.long)
+        size = cfg.data.image_size
+        held_images = torch.empty(0, cfg.data.channels, size, size, dtype=torch.uint8)
     _, test_labels = streaming.ids_and_labels(cfg, data.test)
     test = streaming.image_dataset(cfg, data.test, labeled=True)
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)

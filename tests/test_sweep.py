@@ -187,7 +187,7 @@ def test_each_cell_trains_and_selects_within_its_own_budget_drawn_per_seed() -> 
     assert set(splits) == {(s, b) for s in (0, 1) for b in budgets(0.1, 0.5, 1.0, per_class=(10,))}
     for (seed, budget), split in splits.items():
         # Disjoint parts that make up the budget, a fifth of it (stratified) to select on.
-        assert torch.equal(torch.cat([split.train, split.select]).sort().values, budget.draw(labels, seed))
+        assert torch.equal(split.indices.sort().values, budget.draw(labels, seed))
         assert not set(split.train.tolist()) & set(split.select.tolist())
         per_class = budget.per_class or round(budget.fraction * 100)  # type: ignore[operator]
         assert split.num_labels == 10 * per_class
@@ -244,9 +244,7 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
     assert torch.equal(inputs.labels, labeled.labels) and torch.equal(inputs.test_labels, test.labels)
     # Images are held for each seed's fine-tuning budget only, and are the right ones.
     seeds = cfg.evaluate.seeds
-    finetune = [
-        torch.cat([inputs.splits[seed, TEN_PCT].train, inputs.splits[seed, TEN_PCT].select]) for seed in seeds
-    ]
+    finetune = [inputs.splits[seed, TEN_PCT].indices for seed in seeds]
     assert len(seeds) > 1 and not torch.equal(finetune[0], finetune[1])
     held = set().union(*(set(idx.tolist()) for idx in finetune))
     assert len(inputs.held) == len(held) < len(inputs.labels)

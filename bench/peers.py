@@ -180,13 +180,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
 
-    base = bench_config(args.profile, args.epochs, args.overrides)
+    overrides = [*args.overrides, f"evaluate.seeds={json.dumps(args.seeds)}"]  # the label splits drawn
+    base = bench_config(args.profile, args.epochs, overrides)
     if base.num_threads:
         torch.set_num_threads(base.num_threads)
     data = ingest_and_prepare(base)
     images = read_images(base, data.unlabeled).images
     configs = {
-        m: bench_config(args.profile, args.epochs, [*args.overrides, f"pretrain.method={m}"])
+        m: bench_config(args.profile, args.epochs, [*overrides, f"pretrain.method={m}"])
         for m in args.methods
     }
     report: dict[str, Any] = {

@@ -284,45 +284,6 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
     assert calls == [] and torch.equal(again.features.labeled, inputs.features.labeled)
 
 
-@pytest.mark.slow
-def test_sweep_command_evaluates_the_encoder_of_a_pretraining_run(
-    fashion_mnist_dir: Path, tmp_path: Path
-) -> None:
-    import re
-
-    from tests.test_pipeline import run_cli
-
-    workspace = tmp_path / "ws"
-    sets = [a for key in (f"workspace={workspace}", "data.dvc.enabled=false") for a in ("--set", key)]
-    common = ["--config", str(REPO / "params.yaml"), "--profile", "smoke", *sets]
-
-    missing = run_cli("sweep", "--pretrain-run", "0" * 32, *common, cwd=tmp_path)
-    assert missing.returncode == 1
-    assert f"--pretrain-run {'0' * 32}: no such MLflow run" in missing.stdout
-
-    pretrained = run_cli("pretrain", *common, cwd=tmp_path)
-    assert pretrained.returncode == 0, pretrained.stdout + pretrained.stderr
-    pretrain_run = re.search(r"MLflow run (\w+)\.", pretrained.stdout).group(1)  # type: ignore[union-attr]
-
-    other = run_cli(
-        "sweep", "--pretrain-run", pretrain_run, *common, "--set", "model.backbone=tiny_cnn", cwd=tmp_path
-    )
-    assert other.returncode == 1
-    assert "model.backbone: the pretraining run used 'small_cnn', this config says 'tiny_cnn'" in other.stdout
-
-    swept = run_cli("sweep", "--pretrain-run", pretrain_run, *common, cwd=tmp_path)
-    assert swept.returncode == 0, swept.stdout + swept.stderr
-    assert (
-        "fine-tune" in swept.stdout
-        and "With 10% of the labels, finetune from the pretrained encoder is" in swept.stdout
-    )
-    sweep_run = re.search(r"MLflow sweep run (\w+);", swept.stdout).group(1)  # type: ignore[union-attr]
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    run = MlflowClient(uri).get_run(sweep_run)
-    assert run.data.tags["sweep.pretrain_run"] == pretrain_run and run.info.status == "FINISHED"
-    assert 0.1 < run.data.metrics["linear_top1_100pct"] <= 1.0
-
-
 @pytest.mark.parametrize(("steps", "reports"), [(10, 4), (300, 4), (20, 2), (5, 4), (1, 4), (7, 7)])
 def test_a_trial_reports_at_most_asha_reports_times_the_last_at_its_end(steps: int, reports: int) -> None:
     every = evaluate._eval_every(steps, reports)

@@ -187,8 +187,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     data = ingest_and_prepare(base)
     images = read_images(base, data.unlabeled).images
     configs = {
-        m: bench_config(args.profile, args.epochs, [*overrides, f"pretrain.method={m}"])
-        for m in args.methods
+        m: bench_config(args.profile, args.epochs, [*overrides, f"pretrain.method={m}"]) for m in args.methods
     }
     report: dict[str, Any] = {
         "command": "python -m bench.peers " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -145,11 +145,14 @@ class SmokeRun:
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout + done.stderr
 
+    @property
+    def tracking_uri(self) -> str:
+        return f"sqlite:///{self.workspace / 'mlflow.db'}"
+
     def client(self) -> Any:
         from mlflow.tracking import MlflowClient
 
-        uri = f"sqlite:///{self.workspace / 'mlflow.db'}"
-        return MlflowClient(uri, registry_uri=uri)
+        return MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
 
 
 @pytest.fixture(scope="module")
@@ -276,9 +279,8 @@ def test_the_run_registers_a_champion_with_its_data_code_and_runs(smoke: SmokeRu
 
     model_source = client.get_model_version_download_uri(MODEL, champion.version)
     assert model_source.startswith((workspace / "mlartifacts").as_uri()), model_source
-    uri = f"sqlite:///{workspace / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
+    mlflow.set_tracking_uri(smoke.tracking_uri)
+    mlflow.set_registry_uri(smoke.tracking_uri)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     images, labels = read_test_set(dvc_repo / "data", champion)
     answer = model.predict(images)  # uint8, N x H x W

@@ -31,6 +31,7 @@ from ssl_models.distill import (
     count_parameters,
     distill,
     images_per_second,
+    random_batches,
     student_classifier,
 )
 from ssl_models.evaluate import accuracy, classify, finetune
@@ -81,7 +82,8 @@ def main() -> None:
     def distilled(teacher: nn.Module, labeled_weight: float) -> nn.Module:
         student = student_classifier(tiny_cnn(), num_classes, seed=0)
         distill_settings = DistillSettings(args.temperature, labeled_weight, settings)
-        return distill(teacher, student, unlabeled, aug, distill_settings, args.steps, (images, labels))
+        batches = random_batches(unlabeled, settings.batch_size, settings.seed)
+        return distill(teacher, student, batches, aug, distill_settings, args.steps, (images, labels))
 
     def run(name: str, steps: int, train: Callable[[], nn.Module]) -> nn.Module:
         start = time.perf_counter()

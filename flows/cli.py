@@ -17,7 +17,7 @@ from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
 from tasks.config import EvaluateConfig, PipelineConfig
-from tasks.evaluate import LabelBudget, PairedGain
+from tasks.evaluate import PROTOCOLS, LabelBudget, PairedGain
 
 app = typer.Typer(
     help="Self-supervised transfer learning: data -> pretraining -> evaluation -> registry.",
@@ -65,7 +65,7 @@ def results_table(output, ev: EvaluateConfig) -> Table:  # type: ignore[no-untyp
         title=f"Test accuracy (top-1), mean ± std over seeds; {output.name}",
         caption=f"labels: every label a cell used ({selection})",
     )
-    for column in ("labels", "kNN", "linear probe", "fine-tune", "supervised (scratch)"):
+    for column in ("labels", "kNN", "linear probe", "fine-tune", "distilled", "supervised (scratch)"):
         table.add_column(column, justify="right")
     for budget in sorted({c.budget for c in output.cells}, key=LabelBudget.sort_key):
         cells = {
@@ -76,7 +76,7 @@ def results_table(output, ev: EvaluateConfig) -> Table:  # type: ignore[no-untyp
         n = next(c.num_labels for c in output.cells if c.budget == budget)
         table.add_row(
             f"{budget} ({n})",
-            *(cells.get(p, "-") for p in ("knn", "linear", "finetune", "supervised")),
+            *(cells.get(p, "-") for p in PROTOCOLS),
         )
     return table
 
@@ -173,6 +173,17 @@ def _run_summary(cfg, pretraining, swept, outcome, gains, seconds) -> dict[str, 
         "gain_over_supervised": {b.name: round(g.mean, 4) for b, g in gains.items()},
         "gain_interval_95": {
             b.name: [round(x, 4) for x in g.interval] for b, g in gains.items() if g.interval
+        },
+        "gains_by_protocol": {  # every pretrained protocol minus scratch, paired by seed
+            protocol: {
+                b.name: {
+                    "mean": round(g.mean, 4),
+                    "interval_95": g.interval and [round(x, 4) for x in g.interval],
+                }
+                for b, g in swept.sweep.gains_over_supervised(protocol).items()
+            }
+            for protocol in PROTOCOLS[:-1]
+            if swept.sweep.gains_over_supervised(protocol)
         },
         "pretrain_run_id": pretraining.run_id,
         "sweep_run_id": swept.run_id,

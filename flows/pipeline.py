@@ -201,7 +201,9 @@ def sweep_stage(
     with _mlflow_run(cfg, prepared, "sweep", {"sweep.pretrain_run": pretrain_run_id}) as run_id:
         output = run_sweep(cfg, prepared, encoder_path, run_id)
         log_sweep(cfg, run_id, output, sweep_figures(output))
-        model_uri = log_classifier(cfg, run_id, prepared, output.best_model_path, output.classes)
+        model_uri = log_classifier(
+            cfg, run_id, prepared, output.best_model_path, output.classes, output.best_backbone
+        )
     return SweepResult(run_id, pretrain_run_id, prepared, output, model_uri)
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ssl_models.augment import AugmentParams, to_float
+from ssl_models.augment import AugmentParams, augment, to_float
 from ssl_models.backbones import num_features
 from ssl_models.evaluate import augmented_batch, seeded_linear
 from ssl_models.losses import distillation_loss
@@ -40,18 +41,22 @@ def student_classifier(encoder: nn.Module, num_classes: int, seed: int) -> nn.Se
 def distill(
     teacher: nn.Module,
     student: nn.Module,
-    unlabeled_images: torch.Tensor,
+    unlabeled: Iterator[torch.Tensor],
     aug: AugmentParams,
     settings: DistillSettings,
     steps: int,
     labeled: tuple[torch.Tensor, torch.Tensor] | None = None,
     device: str | torch.device = "cpu",
+    on_eval: Callable[[int, nn.Module], None] | None = None,
+    eval_every: int = 0,
 ) -> nn.Module:
     """Train a copy of the ``student`` classifier on the ``teacher``'s soft labels.
 
-    Each step draws a batch of uint8 ``unlabeled_images``, augments it once, and both networks
-    see that same view; the teacher (moved to ``device``) runs in eval mode without gradient.
-    With ``labeled_weight`` > 0, a batch of ``labeled`` (images, labels) adds its cross entropy.
+    Each step takes the next uint8 batch (B, C, H, W) of ``unlabeled``, augments it once, and
+    both networks see that same view; the teacher (moved to ``device``) runs in eval mode
+    without gradient. With ``labeled_weight`` > 0, a batch of ``labeled`` (images, labels) adds
+    its cross entropy. ``on_eval(step, model)`` runs every ``eval_every`` steps before the last,
+    as in ``finetune``.
     """
     if settings.labeled_weight > 0 and labeled is None:
         raise ValueError(f"labeled_weight={settings.labeled_weight} needs labeled=(images, labels)")
@@ -63,10 +68,9 @@ def distill(
     teacher.to(device).eval()
     optimizer = build_optimizer(model, train)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(steps, max(1, steps // 20)))
-    batch = min(train.batch_size, len(unlabeled_images))
     for step in range(steps):
         g = step_generator(train.seed, step)
-        x, _ = augmented_batch(unlabeled_images, batch, aug, g, device, memory_format)
+        x = augment(to_float(next(unlabeled).to(device)), aug, g).contiguous(memory_format=memory_format)
         with torch.no_grad():
             teacher_logits = teacher(x)
         loss = distillation_loss(model(x), teacher_logits, settings.temperature)
@@ -80,8 +84,20 @@ def distill(
         loss.backward()
         optimizer.step()
         schedule.step()
+        if on_eval and eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
+            on_eval(step + 1, model)
+            model.train()
     teacher.train(teacher_was_training)
     return model.to(memory_format=torch.contiguous_format).eval()
+
+
+def random_batches(images: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:
+    """Endless batches of ``images`` held in memory, drawn with replacement (``distill``'s
+    ``unlabeled`` for a pool that fits; a streamed pool comes from the data loader instead)."""
+    g = torch.Generator().manual_seed(seed)
+    batch = min(batch_size, len(images))
+    while True:
+        yield images[torch.randint(len(images), (batch,), generator=g)]
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -29,6 +29,7 @@ from pydantic import (
 
 from ssl_models.augment import AugmentParams
 from ssl_models.backbones import BACKBONES
+from ssl_models.distill import DistillSettings
 from ssl_models.evaluate import LinearProbeSettings
 from ssl_models.methods import METHODS, method_params
 from ssl_models.train import Precision, TrainSettings
@@ -209,6 +210,27 @@ class FinetuneConfig(OptimConfig):
     augment: AugmentConfig = AugmentConfig(crop_scale=(0.5, 1.0), jitter_p=0.0, grayscale_p=0.0)
 
 
+class DistillConfig(FinetuneConfig):
+    """SimCLRv2's third step as a protocol of the sweep: at each fine-tuned label budget and seed,
+    the fine-tuned model (the cell's selected config) teaches a student on the unlabeled images,
+    plus ``labeled_weight`` x the cross entropy on the cell's labels. Its config is not searched."""
+
+    enabled: bool = True
+    lr: Annotated[float, Field(gt=0, le=10)] = 3e-3
+    # None: the pretrained encoder (self-distillation); or another backbone, initialised from the seed
+    backbone: str | None = None
+    temperature: Annotated[float, Field(gt=0)] = 1.0
+    labeled_weight: Annotated[float, Field(ge=0)] = 1.0
+
+    @field_validator("backbone")
+    @classmethod
+    def _known(cls, v: str | None) -> str | None:
+        return v if v is None else ModelConfig._known(v)
+
+    def distill_settings(self, seed: int) -> DistillSettings:
+        return DistillSettings(self.temperature, self.labeled_weight, self.settings(seed))
+
+
 SEARCHABLE: dict[str, type[_Section]] = {
     "knn": KnnConfig,
     "linear": LinearProbeConfig,
@@ -264,7 +286,7 @@ class EvaluateConfig(_Section):
     labels_per_class: list[Annotated[int, Field(gt=0)]] = [10]  # budgets of every protocol
     label_fractions: list[Fraction] = Field(default=[0.01, 0.1, 1.0], min_length=1)
     finetune_fractions: list[Fraction] = [0.01, 0.1]
-    primary_protocol: Literal["linear", "finetune"] = "finetune"
+    primary_protocol: Literal["linear", "finetune", "distill"] = "finetune"
     seeds: list[Annotated[int, Field(ge=0)]] = Field(default=[0, 1, 2], min_length=1)
     # What configs are picked and trials stopped on. budget: a stratified share (selection_share)
     # of each cell's own labels, which it then does not train on: a cell uses its budget and
@@ -276,6 +298,7 @@ class EvaluateConfig(_Section):
     knn: KnnConfig = KnnConfig()
     linear: LinearProbeConfig = LinearProbeConfig()
     finetune: FinetuneConfig = FinetuneConfig()
+    distill: DistillConfig = DistillConfig()
     search: SearchConfig = SearchConfig()
     asha: AshaConfig = AshaConfig()
     max_concurrent_trials: Annotated[int, Field(gt=0)] | None = None  # None: as the resources allow
@@ -284,10 +307,14 @@ class EvaluateConfig(_Section):
 
     @model_validator(mode="after")
     def _primary_evaluated(self) -> EvaluateConfig:
-        if self.primary_protocol == "finetune" and not (self.finetune_fractions or self.labels_per_class):
+        trained = self.finetune_fractions or self.labels_per_class
+        if self.primary_protocol in ("finetune", "distill") and not trained:
             raise ValueError(
-                "primary_protocol 'finetune' needs at least one finetune_fractions or labels_per_class entry"
+                f"primary_protocol '{self.primary_protocol}' needs at least one finetune_fractions or "
+                "labels_per_class entry"
             )
+        if self.primary_protocol == "distill" and not self.distill.enabled:
+            raise ValueError("primary_protocol 'distill' needs distill.enabled")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: repeated seed in {self.seeds}")
         return self

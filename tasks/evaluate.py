@@ -1,11 +1,12 @@
 """Label-efficient evaluation of a pretrained encoder, one trial at a time.
 
-A trial is one protocol (kNN or linear probe on frozen features, fine-tuning, or the
-supervised-from-scratch baseline) at one label budget (a fraction of the labeled set, or a
-number of labels a class) with one config and one seed. Each seed draws its own labels for
-each budget (``label_splits``); a trial trains on part of them and reports validation accuracy
-(what configs are picked and stopped on) on the rest, or on a separate validation split
-(``evaluate.selection``), and, at the end, test accuracy. A seed fixes a trial's labels,
+A trial is one protocol (kNN or linear probe on frozen features, fine-tuning, distillation of
+a fine-tuned teacher on the unlabeled images, or the supervised-from-scratch baseline) at one
+label budget (a fraction of the labeled set, or a number of labels a class) with one config
+and one seed. Each seed draws its own labels for each budget (``label_splits``); a trial
+trains on part of them and reports validation accuracy (what configs are picked and stopped
+on) on the rest, or on a separate validation split (``evaluate.selection``), and, at the end,
+test accuracy. A seed fixes a trial's labels,
 initialisation and batch order, the same for every protocol, so protocols compare in pairs
 (same seed, same labels).
 Ray Tune runs the trials (``tasks/sweep.py``); ``evaluate_encoder`` runs each cell's base
@@ -27,6 +28,7 @@ from torch import nn
 
 from ssl_models import Encoder
 from ssl_models.data import per_class_subset, stratified_subset
+from ssl_models.distill import distill, student_classifier
 from ssl_models.evaluate import (
     accuracy,
     classify,
@@ -35,12 +37,13 @@ from ssl_models.evaluate import (
     linear_probe,
 )
 from tasks import streaming
-from tasks.config import EvaluateConfig, FinetuneConfig, LinearProbeConfig, PipelineConfig
+from tasks.config import DistillConfig, EvaluateConfig, FinetuneConfig, LinearProbeConfig, PipelineConfig
 from tasks.data import PreparedData
 from tasks.pretrain import build_encoder
 
-PROTOCOLS = ("knn", "linear", "finetune", "supervised")
+PROTOCOLS = ("knn", "linear", "finetune", "distill", "supervised")  # the baseline last
 FROZEN = ("knn", "linear")  # protocols on frozen features: the feature cache serves them
+WITH_MODEL = ("linear", "finetune", "distill")  # protocols whose trials leave a classifier
 Report = Callable[[dict[str, float]], None]
 
 
@@ -104,8 +107,9 @@ class TrialSpec:
     protocol: str  # knn | linear | finetune | supervised
     budget: LabelBudget
     seed: int
-    params: dict[str, Any]  # the protocol's config section (evaluate.knn / linear / finetune)
+    params: dict[str, Any]  # the protocol's config section (evaluate.knn / linear / finetune / distill)
     searched: tuple[str, ...] = ()  # the keys the sweep varies: they name the trial
+    teacher: str | None = None  # distill: the checkpoint of the fine-tuned trial it learns from
 
     @property
     def cell(self) -> str:
@@ -119,17 +123,22 @@ class TrialSpec:
 
 def protocol_budgets(ev: EvaluateConfig) -> dict[str, list[LabelBudget]]:
     """Each protocol's label budgets: ``labels_per_class`` for all, then kNN and the linear probe at
-    ``label_fractions``, fine-tuning and the baseline at ``finetune_fractions``."""
+    ``label_fractions``, fine-tuning, distillation (when enabled) and the baseline at
+    ``finetune_fractions``."""
     per_class = [LabelBudget(per_class=n) for n in sorted(set(ev.labels_per_class))]
     frozen = per_class + [LabelBudget(fraction=f) for f in sorted(set(ev.label_fractions))]
     trained = per_class + [LabelBudget(fraction=f) for f in sorted(set(ev.finetune_fractions))]
-    return {"knn": frozen, "linear": frozen, "finetune": trained, "supervised": trained}
+    distilled = trained if ev.distill.enabled else []
+    return {"knn": frozen, "linear": frozen, "finetune": trained, "distill": distilled, "supervised": trained}
 
 
 def trial_specs(cfg: PipelineConfig, seed: int, search: bool = True) -> list[TrialSpec]:
-    """Every cell's grid points (only its base config when ``search`` is false) with ``seed``."""
+    """Every searched cell's grid points (only its base config when ``search`` is false) with
+    ``seed``: all but distillation, whose trials need their teachers (``distill_specs``)."""
     specs = []
     for protocol, budgets in protocol_budgets(cfg.evaluate).items():
+        if protocol == "distill":
+            continue
         grid = cfg.evaluate.grid(protocol)
         points = grid if search else grid[:1]
         section = "finetune" if protocol == "supervised" else protocol
@@ -137,6 +146,18 @@ def trial_specs(cfg: PipelineConfig, seed: int, search: bool = True) -> list[Tri
         for budget in budgets:
             specs += [TrialSpec(protocol, budget, seed, point, searched) for point in points]
     return specs
+
+
+def distill_specs(ev: EvaluateConfig, teachers: dict[tuple[int, LabelBudget], str]) -> list[TrialSpec]:
+    """One distillation trial per (seed, label budget) that has a fine-tuned teacher's checkpoint."""
+    params = ev.distill.model_dump(mode="json")
+    return [
+        TrialSpec("distill", budget, seed, params, teacher=checkpoint)
+        for (seed, budget), checkpoint in sorted(
+            teachers.items(), key=lambda t: (t[0][1].sort_key(), t[0][0])
+        )
+        if budget in protocol_budgets(ev)["distill"]
+    ]
 
 
 @dataclass(frozen=True)
@@ -168,6 +189,7 @@ class EvalInputs:
     encoder_state: dict[str, torch.Tensor]
     mean: float
     std: float
+    unlabeled: streaming.UnlabeledBatches | None = None  # the distillation students' pool
 
     @property
     def num_classes(self) -> int:
@@ -292,6 +314,15 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)
     encoder = build_encoder(cfg, data.mean, data.std)
     encoder.load_state_dict(state)
+    unlabeled = None
+    if protocol_budgets(ev)["distill"]:
+        unlabeled = streaming.UnlabeledBatches(
+            streaming.image_dataset(cfg, data.unlabeled),
+            data.unlabeled.num_images,
+            ev.distill.batch_size,
+            streaming.shuffle_rows(cfg, data.unlabeled.num_images),
+            cfg.data.streaming.prefetch_batches,
+        )
     return EvalInputs(
         labels=labels,
         classes=tuple(data.labeled.classes),
@@ -304,15 +335,29 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
         encoder_state=state,
         mean=data.mean,
         std=data.std,
+        unlabeled=unlabeled,
     )
 
 
 def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, spec: TrialSpec) -> Encoder:
-    """The pretrained encoder, or (the supervised baseline) one initialised from the trial's seed."""
-    encoder = build_encoder(cfg.model_copy(update={"seed": spec.seed}), inputs.mean, inputs.std)
-    if spec.protocol != "supervised":
+    """The pretrained encoder; initialised from the trial's seed instead for the supervised baseline
+    and for a distillation student of another backbone (``evaluate.distill.backbone``)."""
+    backbone = cfg.evaluate.distill.backbone if spec.protocol == "distill" else None
+    model = cfg.model if backbone is None else cfg.model.model_copy(update={"backbone": backbone})
+    encoder = build_encoder(
+        cfg.model_copy(update={"seed": spec.seed, "model": model}), inputs.mean, inputs.std
+    )
+    if spec.protocol != "supervised" and backbone is None:
         encoder.load_state_dict(inputs.encoder_state)
     return encoder
+
+
+def teacher_model(cfg: PipelineConfig, inputs: EvalInputs, state: dict[str, torch.Tensor]) -> nn.Module:
+    """A fine-tuned trial's classifier (pretrained backbone + linear head) from its state dict."""
+    encoder = build_encoder(cfg, inputs.mean, inputs.std)
+    model = student_classifier(encoder, inputs.num_classes, cfg.seed)
+    model.load_state_dict(state)
+    return model
 
 
 def classify_test_set(model: nn.Module, inputs: EvalInputs) -> torch.Tensor:
@@ -335,14 +380,20 @@ def run_trial(
     inputs: EvalInputs,
     report: Report | None = None,
     device: str = "cpu",
+    teacher_state: dict[str, torch.Tensor] | None = None,
 ) -> TrialOutcome:
     """Train and evaluate one trial; ``report`` gets the validation accuracy ``reports`` times.
 
     The last report (progress 1.0) also holds the test accuracy. ``device`` runs the fine-tuned
-    model; heads on the cached features stay on the CPU.
+    model; heads on the cached features stay on the CPU. A distillation trial learns from the
+    classifier ``teacher_state`` holds (its ``spec.teacher``'s).
     """
     if spec.protocol not in PROTOCOLS:
         raise ValueError(f"unknown protocol {spec.protocol!r}; choose one of {list(PROTOCOLS)}")
+    if spec.protocol == "distill" and (teacher_state is None or inputs.unlabeled is None):
+        raise ValueError(
+            f"{spec.name}: a distillation trial needs its teacher's state and the unlabeled images"
+        )
     split = inputs.splits[spec.seed, spec.budget]
     idx = split.train
     y = inputs.labels[idx]
@@ -386,25 +437,43 @@ def run_trial(
 
         val_accuracy, test_predictions = accuracy(predict(val_x), val_y), predict(test_x)
     else:
-        ft = FinetuneConfig.model_validate(spec.params)
+        section = DistillConfig if spec.protocol == "distill" else FinetuneConfig
+        ft = section.model_validate(spec.params)
         steps = ft.steps
         val_images = inputs.images(split.select)
 
-        def eval_model(step: int, model: nn.Sequential) -> None:
+        def eval_model(step: int, model: nn.Module) -> None:
             send(step, steps, accuracy(classify(model, val_images), val_y))
 
-        model = finetune(
-            trial_encoder(cfg, inputs, spec),
-            inputs.images(idx),
-            y,
-            inputs.num_classes,
-            ft.augment.params(),
-            ft.settings(spec.seed),
-            steps,
-            device=device,
-            on_eval=eval_model,
-            eval_every=_eval_every(steps, total_reports),
-        )
+        if spec.protocol == "distill":
+            assert (
+                isinstance(ft, DistillConfig) and teacher_state is not None and inputs.unlabeled is not None
+            )
+            model = distill(
+                teacher_model(cfg, inputs, teacher_state),
+                student_classifier(trial_encoder(cfg, inputs, spec), inputs.num_classes, spec.seed),
+                inputs.unlabeled(spec.seed),
+                ft.augment.params(),
+                ft.distill_settings(spec.seed),
+                steps,
+                labeled=(inputs.images(idx), y),
+                device=device,
+                on_eval=eval_model,
+                eval_every=_eval_every(steps, total_reports),
+            )
+        else:
+            model = finetune(
+                trial_encoder(cfg, inputs, spec),
+                inputs.images(idx),
+                y,
+                inputs.num_classes,
+                ft.augment.params(),
+                ft.settings(spec.seed),
+                steps,
+                device=device,
+                on_eval=eval_model,
+                eval_every=_eval_every(steps, total_reports),
+            )
         val_accuracy = accuracy(classify(model, val_images), val_y)
         test_predictions = classify_test_set(model, inputs)
         classifier_state = {k: v.cpu() for k, v in model.state_dict().items()}

@@ -25,6 +25,7 @@ PROTOCOL_LABELS = {
     "knn": "kNN (frozen)",
     "linear": "linear probe (frozen)",
     "finetune": "fine-tuned",
+    "distill": "distilled on the unlabeled images",
     "supervised": "supervised from scratch",
 }
 DPI = 120

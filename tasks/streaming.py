@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import itertools
 import logging
 import os
 import time
@@ -264,6 +265,32 @@ class LabeledBatches:
     def __call__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.dataset.iter_torch_batches(batch_size=self.batch_size, device="cpu"):
             yield batch["image"].permute(0, 3, 1, 2), batch["label"]
+
+
+@dataclass(frozen=True)
+class UnlabeledBatches:
+    """Endless uint8 batches (B, C, H, W) of an unlabeled dataset, epoch after epoch through a local
+    shuffle buffer seeded by (seed, epoch): what a distillation trial's student learns on."""
+
+    dataset: Any  # ray.data.Dataset
+    rows: int
+    batch_size: int
+    shuffle_rows: int
+    prefetch_batches: int
+
+    def __call__(self, seed: int) -> Iterator[torch.Tensor]:
+        for epoch in itertools.count():
+            batches = self.dataset.iter_torch_batches(
+                batch_size=self.batch_size,
+                drop_last=self.rows >= self.batch_size,  # no batch of one for BatchNorm
+                dtypes=torch.uint8,
+                device="cpu",
+                prefetch_batches=self.prefetch_batches,
+                local_shuffle_buffer_size=self.shuffle_rows if self.shuffle_rows > 1 else None,
+                local_shuffle_seed=seed * 1_000_003 + epoch,
+            )
+            for batch in batches:
+                yield batch["image"].permute(0, 3, 1, 2)
 
 
 def ids_and_labels(cfg: PipelineConfig, ref: DatasetRef) -> tuple[list[bytes], torch.Tensor]:

@@ -1,9 +1,11 @@
 """Label-efficiency sweeps on Ray Tune.
 
-Two Tune runs. ``search``: every (protocol, label budget) cell's grid with the first seed,
+Three Tune runs. ``search``: every (protocol, label budget) cell's grid with the first seed,
 ASHA stopping trials that trail their own cell on validation accuracy. ``repeat``: each cell's
-best config (by validation accuracy) with the other seeds, to the full budget. A cell then
-reports test accuracy as mean +- std over seeds. Trials declare their CPUs and GPUs; Tune runs
+best config (by validation accuracy) with the other seeds, to the full budget. ``distill``
+(SimCLRv2's third step): at each fine-tuned budget and seed, that seed's fine-tuned model
+teaches a student on the unlabeled images plus the cell's labels. A cell then reports test
+accuracy as mean +- std over seeds. Trials declare their CPUs and GPUs; Tune runs
 as many at once as the cluster holds (or ``evaluate.max_concurrent_trials``).
 
 What trials read (``tasks.evaluate.EvalInputs``: labels, the frozen features, the images of the
@@ -36,13 +38,16 @@ from tasks.config import PipelineConfig
 from tasks.data import PreparedData
 from tasks.evaluate import (
     PROTOCOLS,
+    WITH_MODEL,
     CellResult,
     EvalInputs,
     LabelBudget,
     LabelEfficiency,
     TrialSpec,
+    distill_specs,
     encoder_digest,
     eval_inputs,
+    protocol_budgets,
     run_trial,
     trial_specs,
     wilson_lower_bound,
@@ -77,12 +82,19 @@ def trainable(config: dict[str, Any], cfg: PipelineConfig, inputs: EvalInputs) -
         else:
             tune.report(metrics)
 
-    outcome = run_trial(cfg, spec, inputs, report, device)
+    teacher_state = _classifier_state(cfg, spec.teacher) if spec.teacher else None
+    outcome = run_trial(cfg, spec, inputs, report, device, teacher_state)
     with tempfile.TemporaryDirectory() as folder:
         torch.save(outcome.test_predictions, Path(folder) / PREDICTIONS_FILE)
         if outcome.classifier_state is not None:
             torch.save(outcome.classifier_state, Path(folder) / CLASSIFIER_FILE)
         tune.report(last, checkpoint=tune.Checkpoint.from_directory(folder))
+
+
+def _classifier_state(cfg: PipelineConfig, checkpoint: str) -> dict[str, torch.Tensor]:
+    """The classifier a trial left in its checkpoint (a folder, or a prefix of the S3 storage)."""
+    with tune.Checkpoint(checkpoint, filesystem=storage(cfg)[1]).as_directory() as folder:
+        return torch.load(Path(folder) / CLASSIFIER_FILE, map_location="cpu", weights_only=True)
 
 
 class CellASHA(FIFOScheduler):
@@ -159,6 +171,8 @@ class RecordTrials(tune.Callback):
         spec = spec_of(trial.config)
         params = {"protocol": spec.protocol, "label_budget": spec.budget.name, "seed": spec.seed}
         tags = {"sweep.phase": self.phase, "sweep.cell": spec.cell, "ray.trial_id": trial.trial_id}
+        if spec.teacher:
+            tags["sweep.teacher_checkpoint"] = spec.teacher
         self.run_ids[trial.trial_id] = self.runs.start(spec.name, {**params, **spec.params}, tags)
 
     def on_trial_result(
@@ -201,7 +215,7 @@ class RecordTrials(tune.Callback):
 @dataclass(frozen=True)
 class TrialRecord:
     spec: TrialSpec
-    phase: str  # search | repeat
+    phase: str  # search | repeat | distill
     val_accuracy: float | None  # the last one reported
     test_accuracy: float | None  # None: stopped early or failed
     reports: int
@@ -216,6 +230,7 @@ class SweepOutput(LabelEfficiency):
     folder: str = ""  # the driver's copy of the best model, its test predictions and the figures' data
     trials: tuple[TrialRecord, ...] = ()
     best_cell: str = ""  # the cell whose model is the sweep's best (``_assured_accuracy``)
+    best_backbone: str = ""  # its backbone (a distillation student's may differ from the encoder's)
     classes: tuple[str, ...] = ()
     seconds: float = 0.0  # wall time, from the data to the saved best model
 
@@ -324,9 +339,10 @@ def run_sweep(
     connect(cfg)
     cpus = ray.cluster_resources().get("CPU", 0)
     trials = ev.max_concurrent_trials or cpus / ev.cpus_per_trial  # Tune runs as many as fit
-    streaming.require_spare_cpu(
-        cfg, data.test.num_images, min(cpus, trials * ev.cpus_per_trial), "evaluate.max_concurrent_trials"
-    )
+    held = min(cpus, trials * ev.cpus_per_trial)
+    streaming.require_spare_cpu(cfg, data.test.num_images, held, "evaluate.max_concurrent_trials")
+    if protocol_budgets(ev)["distill"]:  # the students stream the unlabeled images
+        streaming.require_spare_cpu(cfg, data.unlabeled.num_images, held, "evaluate.max_concurrent_trials")
     inputs = eval_inputs(cfg, data, encoder_path)
 
     first, *other_seeds = ev.seeds
@@ -353,10 +369,28 @@ def run_sweep(
         grid = _fit(cfg, f"{name}-repeat", repeat_specs, inputs, FIFOScheduler(), repeat_callback)
         records += _records(grid, "repeat", repeat_callback, set())
 
+    teachers = {
+        (r.spec.seed, r.spec.budget): r.checkpoint
+        for r in records
+        if r.spec.protocol == "finetune"
+        and r.checkpoint
+        and _finished(r)
+        and r.spec.params == selected[r.spec.cell].spec.params
+    }
+    specs = distill_specs(ev, teachers)
+    if specs:
+        distill_callback = RecordTrials(runs, "distill", len(specs))
+        grid = _fit(cfg, f"{name}-distill", specs, inputs, FIFOScheduler(), distill_callback)
+        distilled = _records(grid, "distill", distill_callback, set())
+        records += distilled
+        selected.update(_select(distilled, specs))  # the best seed by validation leads its cell
+
     cells = []
     for cell, best in selected.items():
         runs_of_cell = [best] + [
-            r for r in records if r.phase == "repeat" and r.spec.cell == cell and r.test_accuracy is not None
+            r
+            for r in records
+            if r.phase != "search" and r is not best and r.spec.cell == cell and _finished(r)
         ]
         cells.append(
             CellResult(
@@ -371,15 +405,21 @@ def run_sweep(
             )
         )
     cells.sort(key=lambda c: (c.budget.sort_key(), PROTOCOLS.index(c.protocol)))
-    with_model = [c for c in cells if c.protocol in ("linear", "finetune")]
+    with_model = [c for c in cells if c.protocol in WITH_MODEL]
     best_cell = max(with_model, key=lambda c: _assured_accuracy(c, inputs))
     best = selected[best_cell.cell]
     folder = cfg.workspace_path / "sweeps" / name
     _save_best(cfg, inputs, best, folder)
+    backbone = (ev.distill.backbone if best.spec.protocol == "distill" else None) or cfg.model.backbone
     seconds = time.perf_counter() - start
     return SweepOutput(
-        tuple(cells), name, str(folder), tuple(records), best.spec.cell, inputs.classes, seconds
+        tuple(cells), name, str(folder), tuple(records), best.spec.cell, backbone, inputs.classes, seconds
     )
+
+
+def _finished(record: TrialRecord) -> bool:
+    """Ran its whole budget: not stopped early, not failed."""
+    return record.test_accuracy is not None
 
 
 def _assured_accuracy(cell: CellResult, inputs: EvalInputs) -> float:

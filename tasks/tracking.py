@@ -254,12 +254,17 @@ def log_sweep(cfg: PipelineConfig, run_id: str, output: SweepOutput, figures: li
 
 
 def log_classifier(
-    cfg: PipelineConfig, run_id: str, data: PreparedData, state_path: str | Path, classes: tuple[str, ...]
+    cfg: PipelineConfig,
+    run_id: str,
+    data: PreparedData,
+    state_path: str | Path,
+    classes: tuple[str, ...],
+    backbone: str,
 ) -> str:
     """Log encoder + linear head as the image pyfunc (``tasks.serving``); returns its ``models:/`` URI."""
     client_for(cfg)
     spec = ClassifierSpec(
-        cfg.model.backbone, cfg.data.channels, cfg.data.image_size, data.mean, data.std, tuple(classes)
+        backbone, cfg.data.channels, cfg.data.image_size, data.mean, data.std, tuple(classes)
     )
     return log_image_classifier(run_id, state_path, spec)
 

@@ -14,6 +14,7 @@ from ssl_models.distill import (
     count_parameters,
     distill,
     images_per_second,
+    random_batches,
     student_classifier,
 )
 from ssl_models.evaluate import accuracy, classify, finetune
@@ -96,7 +97,7 @@ def test_distill_increases_agreement_with_the_teacher(fashion_mnist_dir: Path) -
     trained = distill(
         teacher,
         student,
-        images,
+        random_batches(images, 64, seed=0),
         AUG,
         DistillSettings(temperature=2.0, train=TrainSettings(batch_size=64, lr=3e-3)),
         steps=30,
@@ -115,10 +116,20 @@ def test_labeled_weight_needs_labeled_data_and_changes_the_result(images: torch.
     student = student_classifier(Encoder(create_backbone("tiny_cnn"), 0.5, 0.25), 3, seed=0)
     train = TrainSettings(batch_size=16)
     with pytest.raises(ValueError, match=r"labeled_weight=0\.5 needs labeled"):
-        distill(teacher, student, images, AUG, DistillSettings(labeled_weight=0.5, train=train), steps=2)
+        distill(
+            teacher, student, iter([images]), AUG, DistillSettings(labeled_weight=0.5, train=train), steps=2
+        )
     labeled = (images[:16], torch.arange(16) % 3)
     heads = [
-        distill(teacher, student, images, AUG, DistillSettings(labeled_weight=w, train=train), 2, labeled)[1]
+        distill(
+            teacher,
+            student,
+            random_batches(images, 16, 0),
+            AUG,
+            DistillSettings(labeled_weight=w, train=train),
+            2,
+            labeled,
+        )[1]
         for w in (0.0, 0.5)
     ]
     assert not torch.allclose(heads[0].weight, heads[1].weight)

@@ -165,6 +165,7 @@ def pipeline_run(live_stack: LiveStack) -> PipelineRun:
         *live_stack.overrides,
         "ray.num_workers=2",
         "ray.cpus_per_worker=1",
+        "evaluate.distill.enabled=true",  # its students read their teachers from S3
     ]
     args = ["--config", str(PARAMS), "--profile", "smoke", *(arg for key in sets for arg in ("--set", key))]
     out = live_stack.cli("run", *args, "--report", str(report), timeout=1200)
@@ -208,6 +209,12 @@ def test_mlflow_lists_both_runs_and_the_champion_with_artifacts_in_s3(pipeline_r
     assert {pretraining.info.run_id, sweep_run.info.run_id} <= {r.info.run_id for r in listed}
     children = [r for r in listed if r.data.tags.get("mlflow.parentRunId") == sweep_run.info.run_id]
     assert len(children) == report["trials"] and {c.info.status for c in children} == {"FINISHED"}
+    # The distilled students learned from their teachers' checkpoints in the stack's S3.
+    students = [c for c in children if c.data.tags["sweep.phase"] == "distill"]
+    assert students and all(
+        c.data.tags["sweep.teacher_checkpoint"].startswith(f"{live.cfg.stack.bucket}/ray/") for c in students
+    ), [c.data.tags.get("sweep.teacher_checkpoint") for c in students]
+    assert {p["protocol"] for p in report["accuracy"]} >= {"finetune", "distill", "supervised"}
 
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert str(champion.version) == "1"

@@ -62,7 +62,12 @@ def children(client: MlflowClient, run_id: str) -> list:  # type: ignore[type-ar
 def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:
-    cfg = config(tmp_path / "ws", "evaluate.labels_per_class=[5]", "evaluate.seeds=[0, 1]")
+    cfg = config(
+        tmp_path / "ws",
+        "evaluate.labels_per_class=[5]",
+        "evaluate.seeds=[0, 1]",
+        "evaluate.distill.enabled=true",
+    )
     data = ingest_and_prepare(cfg)
     run_id = tracking.start_run(cfg, data, "sweep")
     reports: list[tuple[str, int, int]] = []
@@ -73,8 +78,8 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     tracking.end_run(cfg, run_id)
 
     # Every cell of the grid: each protocol at 5 labels a class, kNN and linear at 10% and 100%,
-    # fine-tune and scratch at 10%; the label column counts every label a cell used (1,000 labeled,
-    # 10% of each class rounded).
+    # fine-tune, distillation and scratch at 10%; the label column counts every label a cell used
+    # (1,000 labeled, 10% of each class rounded).
     labels = read_images(cfg, data.labeled).labels
     ten_pct = len(TEN_PCT.draw(labels, 0))  # type: ignore[arg-type]
     assert 95 <= ten_pct <= 105
@@ -85,13 +90,17 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
         ("linear", "10pct", ten_pct),
         ("linear", "100pct", 1000),
         ("finetune", "10pct", ten_pct),
+        ("distill", "10pct", ten_pct),
         ("supervised", "10pct", ten_pct),
     }
     search = trial_specs(cfg, 0)
-    repeats = [(c.cell, seed) for c in output.cells for seed in cfg.evaluate.seeds[1:]]  # kNN too
-    assert len(output.trials) == len(search) + len(repeats)
+    seeds = cfg.evaluate.seeds
+    searched = [c for c in output.cells if c.protocol != "distill"]
+    repeats = [(c.cell, seed) for c in searched for seed in seeds[1:]]  # kNN too
+    distilled = [(c.cell, seed) for c in output.cells if c.protocol == "distill" for seed in seeds]
+    assert len(output.trials) == len(search) + len(repeats) + len(distilled)
     # The progress bars' feed: each finished trial, counted per phase, up to the phase's size.
-    for phase, size in (("search", len(search)), ("repeat", len(repeats))):
+    for phase, size in (("search", len(search)), ("repeat", len(repeats)), ("distill", len(distilled))):
         counts = [done for what, done, total in reports if what == f"sweep: {phase} trials" and total == size]
         assert counts == list(range(1, size + 1)), (phase, reports)
 
@@ -100,7 +109,7 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
     assert len(runs) == len(output.trials)
     assert {r.info.status for r in runs} == {"FINISHED"}
     assert {r.info.run_id for r in runs} == {t.run_id for t in output.trials}
-    assert {r.data.tags["sweep.phase"] for r in runs} == {"search", "repeat"}
+    assert {r.data.tags["sweep.phase"] for r in runs} == {"search", "repeat", "distill"}
 
     # The three figures are PNG artifacts of the parent run.
     artifacts = tmp_path / "artifacts"
@@ -130,6 +139,19 @@ def test_sweep_logs_a_child_run_per_trial_and_a_curve_made_of_their_numbers(
         for key, value in point["params"].items():  # the selected config, in the parent's params
             assert json.loads(parent.params[f"best.{cell}.{key}"]) == value
             assert {r.data.params[key] for r in selected} == {str(value)}
+        if point["protocol"] == "distill":
+            # Each seed's student learned from that seed's fine-tuned model of the selected config.
+            budget = point["budget"]
+            for run in selected:
+                teacher = next(
+                    r
+                    for r in runs
+                    if r.data.tags["sweep.cell"] == f"finetune-{budget}"
+                    and r.data.tags.get("sweep.selected") == "true"
+                    and r.data.params["seed"] == run.data.params["seed"]
+                )
+                assert teacher.data.tags["ray.trial_id"] in run.data.tags["sweep.teacher_checkpoint"]
+            continue
         # Selection used validation accuracy: no other finished trial of the cell beat it there.
         best_val = max(r.data.metrics["val_accuracy"] for r in selected if r.data.params["seed"] == "0")
         rivals = [
@@ -228,7 +250,7 @@ def test_a_separate_validation_split_is_shared_and_counted_in_every_cell() -> No
 def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_datasets(
     ray_cluster: str, fashion_mnist_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    cfg = config(tmp_path / "ws", "evaluate.seeds=[0, 1]")
+    cfg = config(tmp_path / "ws", "evaluate.seeds=[0, 1]", "evaluate.distill.enabled=true")
     data = ingest_and_prepare(cfg)
     encoder = encoder_file(cfg, data)
     inputs = eval_inputs(cfg, data, encoder)
@@ -266,11 +288,21 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
         inputs, labels=labels, features=Features(features, inputs.features.test), held_images=held_images
     )
     cells = [spec for spec in trial_specs(cfg, seeds[0], search=False) if spec.budget == TEN_PCT]
-    assert sorted(spec.protocol for spec in cells) == sorted(evaluate.PROTOCOLS)
+    assert sorted(spec.protocol for spec in cells) == sorted(set(evaluate.PROTOCOLS) - {"distill"})
+    outcomes = {}
     for spec in cells:
         honest, other = run_trial(cfg, spec, inputs), run_trial(cfg, spec, scrambled)
         assert honest.val_accuracy == other.val_accuracy, spec.protocol
         assert torch.equal(honest.test_predictions, other.test_predictions), spec.protocol
+        outcomes[spec.protocol] = honest
+    # The distilled student reads the unlabeled images and its cell's labels, nothing more.
+    teacher = outcomes["finetune"].classifier_state
+    [student] = evaluate.distill_specs(cfg.evaluate, {(seeds[0], TEN_PCT): "its checkpoint"})
+    honest, other = (run_trial(cfg, student, i, teacher_state=teacher) for i in (inputs, scrambled))
+    assert honest.val_accuracy == other.val_accuracy
+    assert torch.equal(honest.test_predictions, other.test_predictions)
+    with pytest.raises(ValueError, match="needs its teacher"):
+        run_trial(cfg, student, inputs)
     # Each seed starts the baseline from its own initialisation; the pretrained arm from the encoder.
     specs = {(p, s): TrialSpec(p, TEN_PCT, s, {}) for p in ("supervised", "finetune") for s in seeds[:2]}
     weights = {k: next(trial_encoder(cfg, inputs, spec).parameters()) for k, spec in specs.items()}

@@ -299,6 +299,7 @@ def _promotion(
         "pretrain.run_id": pretraining.run_id,
         "sweep.run_id": swept.run_id,
         "sweep.best_cell": swept.sweep.best_cell,
+        "ssl.backbone": swept.sweep.best_backbone,  # a distilled student's may differ from the encoder's
     }
     output = swept.sweep
     evaluation = evaluate_model(output.test_predictions_path, prepared.test)

@@ -104,7 +104,7 @@ def metric_name(protocol: str, budget: LabelBudget) -> str:
 
 @dataclass(frozen=True)
 class TrialSpec:
-    protocol: str  # knn | linear | finetune | supervised
+    protocol: str  # one of PROTOCOLS
     budget: LabelBudget
     seed: int
     params: dict[str, Any]  # the protocol's config section (evaluate.knn / linear / finetune / distill)
@@ -189,7 +189,7 @@ class EvalInputs:
     encoder_state: dict[str, torch.Tensor]
     mean: float
     std: float
-    unlabeled: streaming.UnlabeledBatches | None = None  # the distillation students' pool
+    unlabeled: streaming.UnlabeledBatches | None = None  # the students' pool (``unlabeled_batches``)
 
     @property
     def num_classes(self) -> int:
@@ -314,15 +314,6 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
     state = torch.load(encoder_path, map_location="cpu", weights_only=True)
     encoder = build_encoder(cfg, data.mean, data.std)
     encoder.load_state_dict(state)
-    unlabeled = None
-    if protocol_budgets(ev)["distill"]:
-        unlabeled = streaming.UnlabeledBatches(
-            streaming.image_dataset(cfg, data.unlabeled),
-            data.unlabeled.num_images,
-            ev.distill.batch_size,
-            streaming.shuffle_rows(cfg, data.unlabeled.num_images),
-            cfg.data.streaming.prefetch_batches,
-        )
     return EvalInputs(
         labels=labels,
         classes=tuple(data.labeled.classes),
@@ -335,7 +326,18 @@ def eval_inputs(cfg: PipelineConfig, data: PreparedData, encoder_path: str | Pat
         encoder_state=state,
         mean=data.mean,
         std=data.std,
-        unlabeled=unlabeled,
+    )
+
+
+def unlabeled_batches(cfg: PipelineConfig, data: PreparedData) -> streaming.UnlabeledBatches:
+    """The unlabeled images the distillation students learn on (``EvalInputs.unlabeled``): read
+    for the sweep's distill phase only, after the fine-tuned teachers exist."""
+    return streaming.UnlabeledBatches(
+        streaming.image_dataset(cfg, data.unlabeled),
+        data.unlabeled.num_images,
+        cfg.evaluate.distill.batch_size,
+        streaming.shuffle_rows(cfg, data.unlabeled.num_images),
+        cfg.data.streaming.prefetch_batches,
     )
 
 
@@ -343,6 +345,7 @@ def trial_encoder(cfg: PipelineConfig, inputs: EvalInputs, spec: TrialSpec) -> E
     """The pretrained encoder; initialised from the trial's seed instead for the supervised baseline
     and for a distillation student of another backbone (``evaluate.distill.backbone``)."""
     backbone = cfg.evaluate.distill.backbone if spec.protocol == "distill" else None
+    backbone = None if backbone == cfg.model.backbone else backbone  # the pretrained one, then
     model = cfg.model if backbone is None else cfg.model.model_copy(update={"backbone": backbone})
     encoder = build_encoder(
         cfg.model_copy(update={"seed": spec.seed, "model": model}), inputs.mean, inputs.std
@@ -559,7 +562,7 @@ class LabelEfficiency:
         gains = {}
         for c in self.cells:
             baseline = self.cell("supervised", c.budget)
-            if c.protocol == protocol and baseline is not None:
+            if c.protocol == protocol and baseline is not None and set(c.seeds) & set(baseline.seeds):
                 gains[c.budget] = PairedGain.of(c, baseline)
         return gains
 

@@ -279,6 +279,8 @@ class UnlabeledBatches:
     prefetch_batches: int
 
     def __call__(self, seed: int) -> Iterator[torch.Tensor]:
+        if self.rows < 1:
+            raise ValueError("distillation needs unlabeled images: the unlabeled dataset is empty")
         for epoch in itertools.count():
             batches = self.dataset.iter_torch_batches(
                 batch_size=self.batch_size,

@@ -21,7 +21,7 @@ import os
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -50,6 +50,7 @@ from tasks.evaluate import (
     protocol_budgets,
     run_trial,
     trial_specs,
+    unlabeled_batches,
     wilson_lower_bound,
 )
 from tasks.pretrain import progress_logger, storage
@@ -380,10 +381,15 @@ def run_sweep(
     specs = distill_specs(ev, teachers)
     if specs:
         distill_callback = RecordTrials(runs, "distill", len(specs))
-        grid = _fit(cfg, f"{name}-distill", specs, inputs, FIFOScheduler(), distill_callback)
+        students = replace(inputs, unlabeled=unlabeled_batches(cfg, data))
+        grid = _fit(cfg, f"{name}-distill", specs, students, FIFOScheduler(), distill_callback)
         distilled = _records(grid, "distill", distill_callback, set())
         records += distilled
-        selected.update(_select(distilled, specs))  # the best seed by validation leads its cell
+        firsts = {r.spec.cell: r for r in distilled if r.spec.seed == first and _finished(r)}
+        missing = sorted({s.cell for s in specs} - set(firsts))
+        if missing:
+            raise RuntimeError(f"sweep {name}: no distillation trial of {missing} finished with seed {first}")
+        selected.update(firsts)  # as every cell: its first seed's model is the one it registers
 
     cells = []
     for cell, best in selected.items():

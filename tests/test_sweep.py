@@ -298,7 +298,11 @@ def test_trial_inputs_hold_features_labels_and_the_splits_images_not_the_dataset
     # The distilled student reads the unlabeled images and its cell's labels, nothing more.
     teacher = outcomes["finetune"].classifier_state
     [student] = evaluate.distill_specs(cfg.evaluate, {(seeds[0], TEN_PCT): "its checkpoint"})
-    honest, other = (run_trial(cfg, student, i, teacher_state=teacher) for i in (inputs, scrambled))
+    pool = evaluate.unlabeled_batches(cfg, data)
+    honest, other = (
+        run_trial(cfg, student, replace(i, unlabeled=pool), teacher_state=teacher)
+        for i in (inputs, scrambled)
+    )
     assert honest.val_accuracy == other.val_accuracy
     assert torch.equal(honest.test_predictions, other.test_predictions)
     with pytest.raises(ValueError, match="needs its teacher"):

@@ -240,18 +240,41 @@ class StreamedBatches:
         return self.rows // (self.batch_size // self.world)
 
     def epoch(self, epoch: int, skip: int) -> Generator[torch.Tensor, None, None]:
-        batches = self.shard.iter_torch_batches(
-            batch_size=self.batch_size // self.world,
-            drop_last=True,
-            dtypes=torch.uint8,
-            device="cpu",
-            prefetch_batches=self.prefetch_batches,
-            local_shuffle_buffer_size=self.shuffle_rows if self.shuffle_rows > 1 else None,
-            local_shuffle_seed=self.seed * 1_000_003 + epoch,
+        batches = shuffled_images(
+            self.shard,
+            self.batch_size // self.world,
+            self.shuffle_rows,
+            self.seed,
+            epoch,
+            self.prefetch_batches,
         )
         for i, batch in enumerate(batches):
             if i >= skip:
-                yield batch["image"].permute(0, 3, 1, 2)  # NHWC rows: a channels_last NCHW view
+                yield batch
+
+
+def shuffled_images(
+    rows: Any,
+    batch_size: int,
+    shuffle_rows: int,
+    seed: int,
+    epoch: int,
+    prefetch_batches: int,
+    drop_last: bool = True,
+) -> Iterator[torch.Tensor]:
+    """One epoch of uint8 image batches (B, C, H, W) of a Ray Dataset or DataIterator (``rows``),
+    through a local shuffle buffer of ``shuffle_rows`` seeded by (seed, epoch)."""
+    batches = rows.iter_torch_batches(
+        batch_size=batch_size,
+        drop_last=drop_last,
+        dtypes=torch.uint8,
+        device="cpu",
+        prefetch_batches=prefetch_batches,
+        local_shuffle_buffer_size=shuffle_rows if shuffle_rows > 1 else None,
+        local_shuffle_seed=seed * 1_000_003 + epoch,
+    )
+    for batch in batches:
+        yield batch["image"].permute(0, 3, 1, 2)  # NHWC rows: a channels_last NCHW view
 
 
 @dataclass(frozen=True)
@@ -281,18 +304,17 @@ class UnlabeledBatches:
     def __call__(self, seed: int) -> Iterator[torch.Tensor]:
         if self.rows < 1:
             raise ValueError("distillation needs unlabeled images: the unlabeled dataset is empty")
+        drop_last = self.rows >= self.batch_size  # no batch of one for BatchNorm
         for epoch in itertools.count():
-            batches = self.dataset.iter_torch_batches(
-                batch_size=self.batch_size,
-                drop_last=self.rows >= self.batch_size,  # no batch of one for BatchNorm
-                dtypes=torch.uint8,
-                device="cpu",
-                prefetch_batches=self.prefetch_batches,
-                local_shuffle_buffer_size=self.shuffle_rows if self.shuffle_rows > 1 else None,
-                local_shuffle_seed=seed * 1_000_003 + epoch,
+            yield from shuffled_images(
+                self.dataset,
+                self.batch_size,
+                self.shuffle_rows,
+                seed,
+                epoch,
+                self.prefetch_batches,
+                drop_last,
             )
-            for batch in batches:
-                yield batch["image"].permute(0, 3, 1, 2)
 
 
 def ids_and_labels(cfg: PipelineConfig, ref: DatasetRef) -> tuple[list[bytes], torch.Tensor]:

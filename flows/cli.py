@@ -16,6 +16,7 @@ from rich.table import Table
 from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
+from tasks import cluster
 from tasks.config import EvaluateConfig, PipelineConfig
 from tasks.evaluate import PROTOCOLS, LabelBudget, PairedGain
 
@@ -128,6 +129,7 @@ def run(
     from flows.progress import progress_bars
 
     try:
+        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
         with progress_bars(console):
             result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
     except Exception as e:  # the flow already logged the traceback
@@ -210,6 +212,7 @@ def sweep(
     from flows.pipeline import ssl_sweep
 
     try:
+        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
         result = ssl_sweep(cfg, pretrain_run)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline sweep failed:[/red] {type(e).__name__}: {e}", highlight=False)
@@ -233,6 +236,7 @@ def pretrain(
     from flows.pipeline import ssl_pretraining
 
     try:
+        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
         result = ssl_pretraining(cfg)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline pretrain failed:[/red] {type(e).__name__}: {e}", highlight=False)

@@ -41,14 +41,15 @@ def worker_env(cfg: PipelineConfig) -> dict[str, str]:
     return {k: v for k, v in wanted.items() if k not in os.environ}
 
 
-def connect(cfg: PipelineConfig) -> None:
-    """Join the configured Ray cluster (``ray.address``, else ``RAY_ADDRESS``), or start one here.
+def cluster_address(cfg: PipelineConfig) -> str | None:
+    """The Ray cluster to join: ``ray.address``, else ``RAY_ADDRESS``; None: start one here."""
+    return cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
 
-    An unreachable address fails at once, naming the setting; Ray itself would retry for minutes.
-    """
-    if ray.is_initialized():
-        return
-    address = cfg.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+def require_reachable(cfg: PipelineConfig) -> None:
+    """Fail at once, naming the setting, when the configured cluster's address does not answer
+    (Ray itself would retry for minutes); the commands check this before any work."""
+    address = cluster_address(cfg)
     if address and address not in ("auto", "local"):
         host, _, port = address.removeprefix("ray://").rpartition(":")
         try:
@@ -57,6 +58,14 @@ def connect(cfg: PipelineConfig) -> None:
             raise ConnectionError(
                 f"cannot reach the Ray cluster at {address!r} (ray.address or RAY_ADDRESS): {e}"
             ) from None
+
+
+def connect(cfg: PipelineConfig) -> None:
+    """Join the configured Ray cluster (:func:`cluster_address`), or start one here."""
+    if ray.is_initialized():
+        return
+    require_reachable(cfg)
+    address = cluster_address(cfg)
     env = worker_env(cfg)
     # Ray's own INFO/WARNING lines (and, without the dashboard package, a state-API warning
     # every few seconds) drown the training progress; errors still show.

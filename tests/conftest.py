@@ -1,4 +1,10 @@
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -69,6 +75,44 @@ def ray_cluster() -> str:
     connect(load_config(REPO / "params.yaml"))
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real ``prefect server start`` (loopback, free port, its own database) shared by the session's
+    CLI runs in fresh processes: each then skips the temporary server it would start (about 15 s
+    here). Its API URL."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host=127.0.0.1"]
+    with (home / "server.log").open("w") as log:
+        server = subprocess.Popen(
+            [*command, f"--port={port}"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "prefect server did not answer in 120 s"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=60)
 
 
 @pytest.fixture

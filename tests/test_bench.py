@@ -176,24 +176,6 @@ def test_profile_splits_the_step_into_the_loops_phases(tmp_path: Path) -> None:
     assert json.loads(out.read_text())["steps"] == 3
 
 
-@pytest.mark.slow
-def test_overhead_bench_runs_the_pipeline_and_the_bare_loop_on_the_same_work(tmp_path: Path) -> None:
-    out = tmp_path / "overhead.json"
-    one_epoch = ["--set", "pretrain.epochs=1"]
-    report = overhead.main(
-        [*SMOKE, *ONE_PCT_ON_SMOKE, *one_epoch, "--workspace", str(tmp_path / "ws"), "--out", str(out)]
-    )
-    assert report["ratio"] == pytest.approx(report["run"]["seconds"] / report["bare"]["seconds"], rel=0.01)
-    # the same evaluation cells on both sides: kNN and linear probe at 1% only
-    assert sorted(report["bare"]["accuracy"]) == ["knn-1pct", "linear-1pct"]
-    assert sorted(report["run"]["accuracy"]) == ["knn-1pct", "linear-1pct"]
-    assert (
-        len(report["bare"]["images_per_s"]) == len(report["run"]["images_per_s"]) == report["pretrain_epochs"]
-    )
-    for step in ("data_step", "bare", "run"):
-        assert report[step]["peak_tree_rss_mb"] >= report[step]["peak_process_rss_mb"] > 100
-
-
 def test_the_cli_runs_a_benchmark_by_name_with_its_own_options() -> None:
     from typer.testing import CliRunner
 

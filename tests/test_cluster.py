@@ -68,13 +68,18 @@ def two_nodes() -> Iterator[tuple[str, dict[str, str]]]:
 
 @pytest.mark.slow
 def test_the_pipeline_on_two_ray_nodes_streams_the_shards_from_s3(
-    two_nodes: tuple[str, dict[str, str]], s3_server, fashion_mnist_dir: Path, tmp_path: Path
+    two_nodes: tuple[str, dict[str, str]],
+    s3_server,
+    prefect_server: str,
+    fashion_mnist_dir: Path,
+    tmp_path: Path,
 ) -> None:
     address, env = two_nodes
     s3 = s3_server.client()
     for bucket in ("cluster-dvc", "cluster-ray"):
         s3.create_bucket(Bucket=bucket)
     env = {**env, **s3_server.env(), "RAY_ADDRESS": address, "PYTHONPATH": str(REPO), "COLUMNS": "200"}
+    env["PREFECT_API_URL"] = prefect_server
     repo = tmp_path / "repo"
     repo.mkdir()
     keys = [
@@ -88,6 +93,11 @@ def test_the_pipeline_on_two_ray_nodes_streams_the_shards_from_s3(
         "ray.cpus_per_worker=1",
         "orchestration.retries=0",
         "tracking.registered_model=cluster-model",
+        # Two sweep cells (kNN and the linear probe on every label, one seed): where the trials run,
+        # not the grid, is what this test is about.
+        "evaluate.label_fractions=[1.0]",
+        "evaluate.finetune_fractions=[]",
+        "evaluate.primary_protocol=linear",
     ]
     command = [
         sys.executable,

@@ -333,6 +333,10 @@ def test_new_images_start_a_run_and_a_scheduled_run_without_new_data_ends_early(
         "orchestration.poll_seconds=1",
         "orchestration.min_new_images=32",
         "orchestration.retries=0",
+        # Two sweep cells (kNN and the linear probe on every label): the trigger, not the grid, is tested.
+        "evaluate.label_fractions=[1.0]",
+        "evaluate.finetune_fractions=[]",
+        "evaluate.primary_protocol=linear",
         command="serve",
     )
     env = {**run_cli_env(), "PREFECT_API_URL": prefect_api}

@@ -24,17 +24,23 @@ from tests.conftest import REPO
 CLI = [sys.executable, "-m", "flows.cli"]
 
 
-def run_cli_env() -> dict[str, str]:
-    """The environment of a user's shell: none of the test process's Prefect or MLflow settings."""
+def run_cli_env(prefect_api: str | None = None) -> dict[str, str]:
+    """The environment of a user's shell: none of the test process's Prefect or MLflow settings;
+    ``prefect_api``: a Prefect server's API URL, as a user with one exports it (else the CLI starts
+    a temporary server)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_"))}
     env["PYTHONPATH"] = str(REPO)
     env["COLUMNS"] = "200"
+    if prefect_api:
+        env["PREFECT_API_URL"] = prefect_api
     return env
 
 
-def run_cli(*args: str, cwd: Path = REPO, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, cwd: Path = REPO, timeout: int = 600, prefect_api: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [*CLI, *args], cwd=cwd, env=run_cli_env(), capture_output=True, text=True, timeout=timeout
+        [*CLI, *args], cwd=cwd, env=run_cli_env(prefect_api), capture_output=True, text=True, timeout=timeout
     )
 
 
@@ -47,11 +53,11 @@ def smoke_args(workspace: Path, *overrides: str, command: str = "run") -> list[s
 
 
 def smoke_run(
-    workspace: Path, *overrides: str, report: Path | None = None, timeout: int = 600
+    workspace: Path, *overrides: str, timeout: int = 600, prefect_api: str | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``ssl-pipeline run --profile smoke`` in the workspace's parent folder."""
-    extra = ["--report", str(report)] if report else []
-    return run_cli(*smoke_args(workspace, *overrides), *extra, cwd=workspace.parent, timeout=timeout)
+    args = smoke_args(workspace, *overrides)
+    return run_cli(*args, cwd=workspace.parent, timeout=timeout, prefect_api=prefect_api)
 
 
 def test_methods_lists_methods_and_backbones() -> None:
@@ -100,6 +106,8 @@ def read_test_set(data: Path, version: Any) -> tuple[np.ndarray, Any]:
 
 
 # Slow: one smoke run, killed in pretraining and run again, that the tests below look at as a user would.
+# The run that resumes starts its own temporary Prefect server, as a user's does; the other commands
+# use one Prefect server (a user's PREFECT_API_URL), each saving the ~15 s of starting one.
 
 EPOCHS = 4  # 512 images in batches of 128: 4 steps an epoch
 MODEL = "ssl-pipeline-fashion-mnist"
@@ -134,14 +142,18 @@ class SmokeRun:
     folder: Path  # where the commands ran
     workspace: Path
     args: list[str]  # the command: `run --profile smoke` with its --set keys
+    prefect_api: str
     killed_after_step: int  # the latest checkpoint Ray had registered when the first run was killed
     killed: str  # the killed run's output
     resumed: str  # the second run's output
     report: dict[str, Any]  # what the second run's --report wrote
 
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, cwd=self.folder, prefect_api=self.prefect_api)
+
     def again(self, report: Path) -> str:
         """The same command with ``--report``; its output, once it has succeeded."""
-        done = run_cli(*self.args, "--report", str(report), cwd=self.folder)
+        done = self.cli(*self.args, "--report", str(report))
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         return done.stdout + done.stderr
 
@@ -156,7 +168,7 @@ class SmokeRun:
 
 
 @pytest.fixture(scope="module")
-def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+def smoke(tmp_path_factory: pytest.TempPathFactory, prefect_server: str) -> SmokeRun:
     """``ssl-pipeline run --profile smoke`` killed with SIGKILL (no handler runs, as when a machine
     dies) once Ray has registered epoch 1's checkpoint, then the same command again."""
     folder = tmp_path_factory.mktemp("smoke")
@@ -166,7 +178,7 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
         first = subprocess.Popen(
             [*CLI, *args],
             cwd=folder,
-            env=run_cli_env(),
+            env=run_cli_env(prefect_server),
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -182,11 +194,11 @@ def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
             first.wait()
         killed = Path(log.name).read_text()
     report = folder / "report.json"
+    # The run the tests look at is a user's default: its own temporary Prefect server.
     out = run_cli(*args, "--report", str(report), cwd=folder, timeout=900)
     assert out.returncode == 0, out.stdout[-5000:] + out.stderr[-5000:]
-    return SmokeRun(
-        folder, workspace, args, kept, killed, out.stdout + out.stderr, json.loads(report.read_text())
-    )
+    resumed, summary = out.stdout + out.stderr, json.loads(report.read_text())
+    return SmokeRun(folder, workspace, args, prefect_server, kept, killed, resumed, summary)
 
 
 @pytest.mark.slow
@@ -336,6 +348,7 @@ def test_corrupt_new_data_stops_the_run_naming_the_file_and_keeps_what_is_stored
         f"data.unlabeled_dir={tmp_path / 'new' / 'unlabeled'}",
         f"data.labeled_dir={tmp_path / 'new' / 'labeled'}",
         f"data.test_dir={tmp_path / 'new' / 'test'}",
+        prefect_api=smoke.prefect_api,
     )
     assert bad.returncode == 1
     assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout
@@ -358,16 +371,14 @@ def test_the_sweep_command_evaluates_the_encoder_of_a_pretraining_run(smoke: Smo
     )
     common = smoke_args(smoke.workspace, f"pretrain.epochs={EPOCHS}", *sets, command="sweep")
 
-    missing = run_cli(*common, "--pretrain-run", "0" * 32, cwd=smoke.folder)
+    missing = smoke.cli(*common, "--pretrain-run", "0" * 32)
     assert missing.returncode == 1
     assert f"--pretrain-run {'0' * 32}: no such MLflow run" in missing.stdout
-    other = run_cli(
-        *common, "--pretrain-run", pretrain_run, "--set", "model.backbone=tiny_cnn", cwd=smoke.folder
-    )
+    other = smoke.cli(*common, "--pretrain-run", pretrain_run, "--set", "model.backbone=tiny_cnn")
     assert other.returncode == 1
     assert "model.backbone: the pretraining run used 'small_cnn', this config says 'tiny_cnn'" in other.stdout
 
-    swept = run_cli(*common, "--pretrain-run", pretrain_run, cwd=smoke.folder)
+    swept = smoke.cli(*common, "--pretrain-run", pretrain_run)
     assert swept.returncode == 0, swept.stdout + swept.stderr
     sweep_run = re.search(r"MLflow sweep run (\w+);", swept.stdout).group(1)  # type: ignore[union-attr]
     assert sweep_run != smoke.report["sweep_run_id"]

@@ -230,6 +230,7 @@ def test_an_unreachable_ray_cluster_fails_naming_the_setting(fashion_mnist_dir: 
     assert out.returncode == 1, out.stdout + out.stderr
     assert f"cannot reach the Ray cluster at '{address}' (ray.address or RAY_ADDRESS)" in out.stdout
     assert not (tmp_path / "ws" / "ray").exists()
+    assert "Starting temporary server" not in out.stdout + out.stderr  # checked before any work
 
 
 def test_unreachable_checkpoint_storage_fails_naming_the_setting(

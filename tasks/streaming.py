@@ -15,11 +15,9 @@ What comes back to the driver is small: ids and labels (``ids_and_labels``), fro
 
 from __future__ import annotations
 
-import contextlib
 import io
 import itertools
 import logging
-import os
 import time
 from collections.abc import Generator, Iterator
 from dataclasses import dataclass
@@ -141,37 +139,19 @@ def quiet(context: DataContext | None = None) -> None:
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
-FOOTER_READERS = "RAY_DATA_PARQUET_FOOTER_NUM_ACTORS"
-
-
-@contextlib.contextmanager
-def footer_readers(files: int) -> Iterator[None]:
-    """Ray Data reads Parquet footers on a pool of actors made when a read is planned, 32 of them
-    unless ``RAY_DATA_PARQUET_FOOTER_NUM_ACTORS`` says otherwise: a process each, seconds apiece to
-    start on a small machine, for a version of a few shards. One per file here, at most 32; a
-    user's own setting wins."""
-    if FOOTER_READERS in os.environ:
-        yield
-        return
-    os.environ[FOOTER_READERS] = str(max(1, min(32, files)))
-    try:
-        yield
-    finally:
-        os.environ.pop(FOOTER_READERS, None)
-
-
 def _read(cfg: PipelineConfig, ref: DatasetRef, columns: list[str]) -> ray.data.Dataset:
     paths, filesystem = shard_locations(cfg, ref)
     context = DataContext.get_current()
     quiet(context)
-    # Ray 2.60's Parquet datasource (V2) keeps only *.parquet files even when told not to filter
-    # (`file_extensions or PARQUET_FILE_EXTENSIONS`); the DVC remote's objects are named by their
-    # md5 alone, so those are read through the V1 datasource, which honours file_extensions=None.
+    # Ray 2.60's Parquet datasource V2 reads footers on a pool of actors it starts for each read
+    # (a process each, seconds apiece to start on a small machine: 8 of a smoke run's 27 worker
+    # processes) and keeps only *.parquet files even when told not to filter, where the DVC
+    # remote's objects are named by their md5 alone. V1 reads the footers in its read tasks (on
+    # pooled workers) and honours file_extensions=None: every read goes through V1.
     v2 = context.use_datasource_v2
-    context.use_datasource_v2 = v2 and all(path.endswith(".parquet") for path in paths)
+    context.use_datasource_v2 = False
     try:
-        with footer_readers(len(paths)):
-            dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
+        dataset = ray.data.read_parquet(paths, filesystem=filesystem, file_extensions=None)
     finally:
         context.use_datasource_v2 = v2
     dataset = dataset.select_columns(columns)

@@ -1,7 +1,6 @@
 """Training input through Ray Data: shards decoded in Ray tasks, streamed or materialised, in an order
 fixed by (seed, epoch), split over workers without overlap, and resumable part way through an epoch."""
 
-import os
 import threading
 from pathlib import Path
 
@@ -15,10 +14,8 @@ from tasks.config import PipelineConfig, load_config
 from tasks.data import PreparedData, ingest_and_prepare
 from tasks.pretrain import build_encoder
 from tasks.streaming import (
-    FOOTER_READERS,
     StreamedBatches,
     fits_in_object_store,
-    footer_readers,
     image_dataset,
     read_images,
 )
@@ -167,23 +164,17 @@ def test_a_read_held_back_by_its_budget_waits_instead_of_spinning(ray_cluster: s
     assert executor_cpu_seconds_while_the_consumer_sleeps(wait=True) < 0.5
 
 
-def test_a_read_plans_one_parquet_footer_reader_a_shard_and_a_users_setting_wins(
-    monkeypatch: pytest.MonkeyPatch,
+def test_a_read_goes_through_ray_datas_v1_parquet_reader(
+    ray_cluster: str, prepared: tuple[Path, PreparedData]
 ) -> None:
-    """Ray Data's own indexer (what ``read_parquet`` builds) takes the count: Ray's 32 actor
-    processes for the three shards of a small version cost a smoke run a sixth of its time."""
-    from ray.data._internal.datasource_v2.formats.parquet.footer_file_indexer import FooterFileIndexer
+    """V2 (Ray 2.60's default) plans a pool of footer-reading actor processes for every read: a
+    third of a smoke run's worker processes. V1 reads footers in its read tasks."""
+    from ray.data import DataContext
 
-    def planned() -> int:
-        return FooterFileIndexer(ignore_missing_paths=False)._num_actors
-
-    monkeypatch.delenv(FOOTER_READERS, raising=False)
-    with footer_readers(3):
-        assert planned() == 3
-    with footer_readers(500):
-        assert planned() == 32
-    assert FOOTER_READERS not in os.environ
-    monkeypatch.setenv(FOOTER_READERS, "4")
-    with footer_readers(1):
-        assert planned() == 4
-    assert os.environ[FOOTER_READERS] == "4"
+    workspace, data = prepared
+    before = DataContext.get_current().use_datasource_v2
+    op = image_dataset(config(workspace, "never"), data.unlabeled)._logical_plan.dag
+    while op.input_dependencies:
+        op = op.input_dependencies[0]
+    assert op.name == "ReadParquet"  # V2's is ReadFilesParquetV2
+    assert DataContext.get_current().use_datasource_v2 == before

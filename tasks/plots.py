@@ -99,6 +99,51 @@ def label_efficiency_curve(
     return _save(fig, path)
 
 
+def pretraining_curve(
+    rows: Sequence[Mapping[str, Any]], path: str | Path, budget: str, title: str = "What pretraining buys"
+) -> Path:
+    """Test accuracy at one label budget against pretraining epochs, one line per protocol, error
+    bars = std over seeds; supervised from scratch (no pretraining) as a dashed level with its std.
+
+    ``rows``: dicts with ``protocol``, ``epochs``, ``mean`` and ``std`` (accuracy in [0, 1]), ``n``.
+    """
+    pretrained = [r for r in rows if r["protocol"] != "supervised"]
+    if not pretrained:
+        raise ValueError("pretraining_curve: no pretrained protocol's rows to plot")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    protocols = {str(r["protocol"]) for r in pretrained}
+    for protocol in [p for p in PROTOCOL_LABELS if p in protocols] + sorted(protocols - set(PROTOCOL_LABELS)):
+        group = sorted((r for r in pretrained if r["protocol"] == protocol), key=lambda r: int(r["epochs"]))
+        ax.errorbar(
+            [int(r["epochs"]) for r in group],
+            [100 * float(r["mean"]) for r in group],
+            yerr=np.nan_to_num([100 * float(r.get("std") or 0.0) for r in group]),
+            capsize=4,
+            marker="o",
+            markersize=5,
+            label=PROTOCOL_LABELS.get(protocol, protocol),
+        )
+    scratch = [r for r in rows if r["protocol"] == "supervised"]
+    if scratch:
+        level = 100 * float(np.mean([float(r["mean"]) for r in scratch]))
+        spread = 100 * float(np.mean([float(r.get("std") or 0.0) for r in scratch]))
+        ax.axhline(level, linestyle="--", color="0.35", label=PROTOCOL_LABELS["supervised"])
+        ax.axhspan(level - spread, level + spread, color="0.35", alpha=0.12)
+    epochs = sorted({int(r["epochs"]) for r in pretrained})
+    ax.set_xscale("log")
+    ax.set_xticks(epochs, [str(e) for e in epochs])
+    ax.xaxis.set_minor_locator(NullLocator())
+    seeds = {int(r.get("n", 1)) for r in rows}
+    spread_label = f"mean ± std over {seeds.pop()} seeds" if len(seeds) == 1 else "mean ± std over seeds"
+    ax.set_xlabel("pretraining epochs (log scale)")
+    ax.set_ylabel(f"test accuracy at {budget} (%)\n{spread_label}")
+    ax.set_title(title)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=9)
+    return _save(fig, path)
+
+
 def _class_ids(values: ArrayLike, num_classes: int, name: str) -> np.ndarray:
     ids = _numpy(values)
     if ids.ndim != 1:

@@ -10,6 +10,7 @@ from tasks.plots import (
     confusion_matrix_plot,
     embedding_map,
     label_efficiency_curve,
+    pretraining_curve,
     stratified_sample,
 )
 
@@ -30,6 +31,18 @@ def sweep_rows() -> list[dict]:
         for p, base in bases.items()
         for b, n in budgets
     ]
+
+
+def test_pretraining_curve_draws_each_protocol_against_epochs_beside_scratch(tmp_path: Path) -> None:
+    rows = [
+        {"protocol": p, "epochs": e, "mean": base + e / 100, "std": 0.01, "n": 3}
+        for p, base in {"knn": 0.7, "linear": 0.75, "finetune": 0.8}.items()
+        for e in (1, 3, 10)
+    ]
+    rows += [{"protocol": "supervised", "epochs": e, "mean": 0.79, "std": 0.005, "n": 3} for e in (1, 3, 10)]
+    assert_png(pretraining_curve(rows, tmp_path / "curve.png", "1% (600 labels)"))
+    with pytest.raises(ValueError, match="no pretrained protocol"):
+        pretraining_curve(rows[-3:], tmp_path / "scratch.png", "1%")
 
 
 def test_label_efficiency_curve_writes_png_and_creates_folder(tmp_path: Path) -> None:

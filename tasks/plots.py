@@ -46,6 +46,14 @@ def _save(fig: Figure, path: str | Path) -> Path:
     return path
 
 
+def _spread(rows: Sequence[Mapping[str, Any]]) -> str:
+    """What the error bars are, from the rows' seed counts ``n``."""
+    seeds = {int(r.get("n", 1)) for r in rows}
+    if seeds == {1}:
+        return "single seed"
+    return f"mean ± std over {seeds.pop()} seeds" if len(seeds) == 1 else "mean ± std over seeds"
+
+
 def label_efficiency_curve(
     rows: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Label efficiency"
 ) -> Path:
@@ -84,15 +92,8 @@ def label_efficiency_curve(
     ax.set_xscale("log")
     ax.set_xticks([n for n, _ in ticks], [f"{label}\n{n:,}" for n, label in ticks])
     ax.xaxis.set_minor_locator(NullLocator())
-    seeds = {int(r.get("n", 1)) for r in rows}
-    if seeds == {1}:
-        spread = "single seed"
-    elif len(seeds) == 1:
-        spread = f"mean ± std over {seeds.pop()} seeds"
-    else:
-        spread = "mean ± std over seeds"
     ax.set_xlabel("labels a cell used (log scale)")
-    ax.set_ylabel(f"test accuracy (%)\n{spread}")
+    ax.set_ylabel(f"test accuracy (%)\n{_spread(rows)}")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="best", fontsize=9)
@@ -134,10 +135,8 @@ def pretraining_curve(
     ax.set_xscale("log")
     ax.set_xticks(epochs, [str(e) for e in epochs])
     ax.xaxis.set_minor_locator(NullLocator())
-    seeds = {int(r.get("n", 1)) for r in rows}
-    spread_label = f"mean ± std over {seeds.pop()} seeds" if len(seeds) == 1 else "mean ± std over seeds"
     ax.set_xlabel("pretraining epochs (log scale)")
-    ax.set_ylabel(f"test accuracy at {budget} (%)\n{spread_label}")
+    ax.set_ylabel(f"test accuracy at {budget} (%)\n{_spread(rows)}")
     ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="best", fontsize=9)

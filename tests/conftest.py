@@ -1,3 +1,4 @@
+import contextlib
 import os
 import signal
 import socket
@@ -5,7 +6,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -77,42 +80,59 @@ def ray_cluster() -> str:
     ray.shutdown()
 
 
-@pytest.fixture(scope="session")
-def prefect_server(tmp_path_factory: pytest.TempPathFactory):
-    """A real ``prefect server start`` (loopback, free port, its own database) shared by the session's
-    CLI runs in fresh processes: each then skips the temporary server it would start (about 15 s
-    here). Its API URL."""
+def free_port() -> int:
+    """A port on loopback that nothing listens on (now)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    home = tmp_path_factory.mktemp("prefect-server")
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-    env.pop("PREFECT_API_URL", None)
-    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host=127.0.0.1"]
-    with (home / "server.log").open("w") as log:
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def http_server(
+    command: list[str], ready_url: str, log_path: Path, timeout_s: float, **popen: Any
+) -> Iterator[subprocess.Popen[bytes]]:
+    """A server started in its own session, its output in ``log_path``, yielded once ``ready_url``
+    answers 200 (its log's tail if it exits or times out first); stopped after, with its children."""
+    with log_path.open("wb") as log:
         server = subprocess.Popen(
-            [*command, f"--port={port}"],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
+            command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen
         )
-    url = f"http://127.0.0.1:{port}/api"
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + timeout_s
         while True:
-            assert server.poll() is None, (home / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "prefect server did not answer in 120 s"
+            if server.poll() is not None or time.monotonic() > deadline:
+                why = f"exited {server.returncode}" if server.poll() is not None else "gave no answer"
+                tail = log_path.read_text(errors="replace")[-3000:]
+                raise AssertionError(f"{command[0]} {why} at {ready_url} in {timeout_s:.0f} s:\n{tail}")
             try:
-                with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+                with urllib.request.urlopen(ready_url, timeout=5) as response:
                     if response.status == 200:
                         break
             except OSError:
                 time.sleep(0.5)
-        yield url
+        yield server
     finally:
         os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=60)
+        try:
+            server.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
+@pytest.fixture(scope="session")
+def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``prefect server start`` (loopback, free port, its own database) shared by the session's
+    CLI runs in fresh processes: each then skips the temporary server it would start (about 15 s
+    here). Its API URL."""
+    port = free_port()
+    home = tmp_path_factory.mktemp("prefect-server")
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    command = [str(Path(sys.executable).parent / "prefect"), "server", "start", "--host=127.0.0.1"]
+    url = f"http://127.0.0.1:{port}/api"
+    with http_server([*command, f"--port={port}"], f"{url}/health", home / "server.log", 120, env=env):
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ slow tests of tests/test_pipeline.py.)
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -32,7 +31,7 @@ from tasks.pretrain import (
     pretrain_encoder,
     run_name,
 )
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
 
 def config(workspace: Path, *overrides: str) -> PipelineConfig:
@@ -207,14 +206,8 @@ def test_checkpoints_in_s3_survive_a_killed_worker_and_serve_a_rerun(
     )
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_an_unreachable_ray_cluster_fails_naming_the_setting(fashion_mnist_dir: Path, tmp_path: Path) -> None:
-    address = f"127.0.0.1:{closed_port()}"
+    address = f"127.0.0.1:{free_port()}"
     command = [sys.executable, "-m", "flows.cli", "pretrain", "--config", str(REPO / "params.yaml")]
     command += [
         "--profile",
@@ -239,7 +232,7 @@ def test_unreachable_checkpoint_storage_fails_naming_the_setting(
     for name, value in {"AWS_ACCESS_KEY_ID": "key", "AWS_SECRET_ACCESS_KEY": "secret"}.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
-    endpoint = f"http://127.0.0.1:{closed_port()}"
+    endpoint = f"http://127.0.0.1:{free_port()}"
     cfg = config(
         tmp_path / "ws", "ray.storage_path=s3://checkpoints/ray", f"ray.storage_endpoint_url={endpoint}"
     )

@@ -11,11 +11,8 @@ import base64
 import io
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
@@ -37,6 +34,7 @@ from ssl_models import Encoder, create_backbone
 from ssl_models.classifier import ClassifierSpec, ImageClassifier, preprocess
 from ssl_models.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from tasks.serving import SPEC_FILE, WEIGHTS_FILE, log_image_classifier
+from tests.conftest import free_port, http_server
 
 MODEL_NAME = "fashion-classifier"
 CHAMPION_URI = f"models:/{MODEL_NAME}@champion"
@@ -239,12 +237,6 @@ def test_logging_refuses_weights_of_another_architecture(
         log_image_classifier(run_id, trained.state_path, other)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url: str, payload: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     request = urllib.request.Request(
         url, data=json.dumps(payload).encode(), headers={"Content-Type": "application/json"}
@@ -271,34 +263,13 @@ def _server_env(store: str) -> dict[str, str]:
 def test_mlflow_models_serve_answers_real_images_over_http(
     trained: Trained, served_model: mlflow.pyfunc.PyFuncModel, store: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    log_path = tmp_path / "serve.log"
+    port = free_port()
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", CHAMPION_URI]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
-    with log_path.open("wb") as log:
-        server = subprocess.Popen(
-            command,
-            cwd=tmp_path,
-            env=_server_env(store),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert server.poll() is None, (
-                f"server exited {server.returncode}:\n{log_path.read_text()[-3000:]}"
-            )
-            assert time.monotonic() < deadline, f"no /ping in 90 s:\n{log_path.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
-
+    with http_server(
+        command, f"{url}/ping", tmp_path / "serve.log", 90, cwd=tmp_path, env=_server_env(store)
+    ):
         png = [encode(image) for image in trained.images]
         status, body = _post(f"{url}/invocations", {"inputs": png})
         assert status == 200, body
@@ -329,13 +300,6 @@ def test_mlflow_models_serve_answers_real_images_over_http(
         status, body = _post(f"{url}/invocations", {"inputs": [png[0], "bm90IGFuIGltYWdl"]})
         assert status == 400
         assert "image 1: cannot decode as PNG or JPEG" in body["message"]
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
 
 
 @pytest.mark.slow

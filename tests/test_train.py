@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from ssl_models import Encoder, create_backbone, create_method
-from ssl_models.augment import AugmentParams
+from ssl_models.augment import AugmentParams, to_float
+from ssl_models.data import ImageSet, load_fashion_mnist, per_class_subset
+from ssl_models.evaluate import accuracy, extract_features, knn_predict
 from ssl_models.train import TrainSettings, load_checkpoint, pretrain, warmup_cosine
+from tasks.config import PipelineConfig, load_config
+from tasks.pretrain import build_encoder
+from tests.conftest import REPO
+
+LABELED_FROM = 10_000  # the labeled images of the quality guard: not among the 8,192 it pretrains on
 
 
 def make(name: str):
@@ -68,3 +75,55 @@ def test_divergence_is_reported_with_the_step(images: torch.Tensor) -> None:
             AugmentParams(),
             TrainSettings(epochs=3, batch_size=16, lr=1e12, optimizer="sgd", warmup_epochs=0),
         )
+
+
+@torch.no_grad()
+def calibrate_batchnorm(encoder: torch.nn.Module, images: torch.Tensor) -> None:
+    """Set BatchNorm's running statistics to their averages over ``images`` (the weights stay)."""
+    norms = [m for m in encoder.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    encoder.train()
+    for batch in images.split(256):
+        encoder(to_float(batch))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+
+
+def knn_after_pretraining(cfg: PipelineConfig, train: ImageSet, test: ImageSet) -> tuple[float, float]:
+    """kNN accuracy (the sweep's protocol and settings) of the configured encoder at its random
+    initialisation and after ``cfg.pretrain`` on the first 8,192 training images, with 100
+    labels a class from the other training images and 2,000 test images."""
+    unlabeled = train.images[:8192]
+    labeled = LABELED_FROM + per_class_subset(train.labels[LABELED_FROM:], 100, cfg.seed)
+    pixels = to_float(unlabeled)
+    encoder = build_encoder(cfg, pixels.mean().item(), pixels.std().item())
+    method = create_method(cfg.pretrain.method, encoder, cfg.pretrain.method_params)
+
+    def knn() -> float:
+        bank = extract_features(encoder, train.images[labeled])
+        queries = extract_features(encoder, test.images[:2000])
+        k, temperature = cfg.evaluate.knn.k, cfg.evaluate.knn.temperature
+        predictions = knn_predict(bank, train.labels[labeled], queries, 10, k=k, temperature=temperature)
+        return accuracy(predictions, test.labels[:2000])
+
+    calibrate_batchnorm(encoder, unlabeled)  # as pretraining's forward passes would: no learning
+    at_random_init = knn()
+    pretrain(method, unlabeled, cfg.augment.params(), cfg.pretrain.settings(cfg.seed))
+    return at_random_init, knn()
+
+
+def test_the_default_recipe_learns_what_a_random_encoder_lacks(fashion_mnist_dir) -> None:
+    """Quality guard: params.yaml's recipe (backbone, method, views, optimiser, schedule), pretrained
+    for 8 epochs of 8,192 Fashion-MNIST images, beats the same encoder at its random initialisation
+    (BatchNorm statistics of the same images) on the sweep's kNN by at least 2 points.
+
+    Measured: +4.3, +6.9, +9.4, +10.8, +12.9 and +8.6 points with seeds 0-5 (about 33 s each); a
+    pretraining that learns nothing (lr 1e-9) scores 3.4 points below the random init with seed 0.
+    """
+    cfg = load_config(REPO / "params.yaml", overrides=["pretrain.epochs=8"])
+    train, test = load_fashion_mnist(fashion_mnist_dir)
+    at_random_init, pretrained = knn_after_pretraining(cfg, train, test)
+    assert pretrained >= at_random_init + 0.02, (at_random_init, pretrained)

@@ -17,7 +17,7 @@ from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
 from tasks import cluster
-from tasks.config import EvaluateConfig, PipelineConfig
+from tasks.config import ConfigError, EvaluateConfig, PipelineConfig, config_file
 from tasks.evaluate import PROTOCOLS, LabelBudget, PairedGain
 
 app = typer.Typer(
@@ -37,7 +37,7 @@ TELEMETRY_OFF = {
 }
 
 
-def _load(config: Path, profile: str, overrides: list[str] | None) -> PipelineConfig:
+def _load(config: Path | None, profile: str, overrides: list[str] | None) -> PipelineConfig:
     return load(config, profile, overrides, console)
 
 
@@ -108,7 +108,7 @@ def print_sweep(cfg: PipelineConfig, output) -> dict[LabelBudget, PairedGain]:  
 
 @app.command()
 def run(
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
     report: Annotated[Path | None, typer.Option(help="Write the results as JSON here.")] = None,
@@ -202,7 +202,7 @@ def sweep(
     pretrain_run: Annotated[
         str, typer.Option("--pretrain-run", help="The MLflow run of a pretraining (ssl-pipeline pretrain).")
     ],
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -223,7 +223,7 @@ def sweep(
 
 @app.command()
 def pretrain(
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -280,7 +280,7 @@ def methods() -> None:
 @app.command()
 def stage(
     name: Annotated[str, typer.Argument(help="prepare | pretrain | sweep")],
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -313,7 +313,7 @@ def promote(
     version: Annotated[str, typer.Argument(help="The registered model version to promote.")],
     force: Annotated[bool, typer.Option(help="Promote even if the gate says no (needs --reason).")] = False,
     reason: Annotated[str | None, typer.Option(help="Why the gate is overruled (kept in the tags).")] = None,
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -331,7 +331,7 @@ def promote(
 @app.command()
 def rollback(
     reason: Annotated[str, typer.Option(help="Why (kept in the demoted version's tags).")] = "rollback",
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -355,7 +355,7 @@ def _percent(x: float | None) -> str:
 @app.command()
 def models(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -388,7 +388,7 @@ def models(
 def lineage(
     uri: Annotated[str, typer.Argument(help="models:/NAME@ALIAS or models:/NAME/VERSION")],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a tree.")] = False,
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -434,9 +434,7 @@ def lineage(
 
 
 @app.command()
-def serve(
-    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
-) -> None:
+def serve(config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None) -> None:
     """Serve scheduled and triggered retraining: the `retrain` deployment with the config's cron
     schedule, a trigger on new unlabeled images, and a watch on orchestration.watch."""
     cfg = _load(config, profile, overrides)
@@ -455,15 +453,71 @@ def serve(
         soft_wrap=True,
     )
     try:
-        serve_retraining(cfg, str(config), profile, list(overrides or []))
+        serve_retraining(cfg, str(config_file(config)), profile, list(overrides or []))
     except KeyboardInterrupt:
         console.print("Stopped serving.")
 
 
-@app.command("config")
-def show_config(
-    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
+SourceOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A folder (one sub-folder a class for labeled and test), s3://bucket/prefix, or a label table."
+    ),
+]
+
+
+@app.command()
+def init(
+    folder: Annotated[Path, typer.Argument(help="The project's folder, made if missing.")] = Path("."),
+    unlabeled: SourceOption = None,
+    labeled: SourceOption = None,
+    test: SourceOption = None,
+    endpoint_url: Annotated[
+        str | None, typer.Option(help="An S3-compatible store for s3:// sources (credentials: environment).")
+    ] = None,
+    channels: Annotated[
+        int | None, typer.Option(min=1, max=3, help="1 or 3 [default: from the first labeled image].")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="Pixels a side for training [default: from the first labeled image].")
+    ] = None,
 ) -> None:
+    """Make a project: a commented params.yaml for your images, .gitignore, git and DVC.
+
+    Without --unlabeled, --labeled and --test the project is the Fashion-MNIST demo.
+    """
+    from ssl_models.data import DataError
+    from tasks.project import Sources, make_project
+
+    given = [s for s in (unlabeled, labeled, test) if s]
+    if given and len(given) < 3:
+        console.print("[red]error:[/red] give --unlabeled, --labeled and --test together", highlight=False)
+        raise typer.Exit(2)
+    sources = Sources(unlabeled, labeled, test, endpoint_url) if unlabeled and labeled and test else None
+    try:
+        project = make_project(folder, sources, channels, image_size)
+    except (FileExistsError, DataError, ConfigError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    data = project.data
+    console.print(
+        f"Made a project in {project.folder}: {', '.join(project.done)}.\n"
+        + (
+            f"Images: unlabeled {data['unlabeled_dir']}, labeled {data['labeled_dir']}, "
+            f"test {data['test_dir']}"
+            if sources
+            else "Images: Fashion-MNIST (the demo; --unlabeled, --labeled and --test give your own)"
+        )
+        + f"; {data['channels']} channel(s) at {data['image_size']} px"
+        + (f" (from {project.detected})" if project.detected else "")
+        + f".\nNext: cd {folder} && ssl-pipeline run",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("config")
+def show_config(config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None) -> None:
     """Validate and print the resolved configuration."""
     console.print_json(_load(config, profile, overrides).model_dump_json())
 

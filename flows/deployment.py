@@ -28,7 +28,7 @@ log = logging.getLogger("ssl_pipeline.serve")
 
 @flow(name="retrain")
 def retrain(
-    config: str = "params.yaml",
+    config: str | None = None,
     profile: str = "default",
     overrides: list[str] | None = None,
     reason: str = "manual",

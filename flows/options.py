@@ -10,7 +10,10 @@ from rich.console import Console
 
 from tasks.config import ConfigError, PipelineConfig, load_config
 
-ConfigPath = Annotated[Path, typer.Option("--config", "-c", help="The params file.")]
+ConfigPath = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="The params file [default: ./params.yaml, else the built-in one]."),
+]
 Profile = Annotated[
     str,
     typer.Option(
@@ -26,7 +29,7 @@ Overrides = Annotated[
 ]
 
 
-def load(config: Path, profile: str, overrides: list[str] | None, console: Console) -> PipelineConfig:
+def load(config: Path | None, profile: str, overrides: list[str] | None, console: Console) -> PipelineConfig:
     """The validated config, or the errors (naming each key) on ``console`` and exit code 2."""
     try:
         return load_config(config, profile, overrides or [])

@@ -26,7 +26,7 @@ console = Console(soft_wrap=True)
 errors = Console(soft_wrap=True, stderr=True)
 
 
-def _stack(config: Path, profile: str, overrides: list[str] | None) -> Stack:
+def _stack(config: Path | None, profile: str, overrides: list[str] | None) -> Stack:
     return Stack(load(config, profile, overrides, errors))
 
 
@@ -63,7 +63,7 @@ def _usage(stack: Stack) -> str:
 
 @stack_app.command("up")
 def up(
-    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
+    config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None
 ) -> None:
     """Start the servers that are not running and wait until all are healthy."""
     stack = _stack(config, profile, overrides)
@@ -88,7 +88,7 @@ def down(
     purge: Annotated[
         bool, typer.Option(help="Also delete the stack folder: data, logs, credentials.")
     ] = False,
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -106,7 +106,7 @@ def down(
 @stack_app.command("status")
 def status(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-    config: ConfigPath = Path("params.yaml"),
+    config: ConfigPath = None,
     profile: Profile = "default",
     overrides: Overrides = None,
 ) -> None:
@@ -126,7 +126,7 @@ def status(
 
 @stack_app.command("env")
 def env(
-    config: ConfigPath = Path("params.yaml"), profile: Profile = "default", overrides: Overrides = None
+    config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None
 ) -> None:
     """Shell `export` lines for the stack's endpoints and credentials: eval "$(ssl-pipeline stack env)"."""
     stack = _stack(config, profile, overrides)

@@ -9,7 +9,7 @@ python3.11 -m venv "$tmp/venv"
 "$tmp/venv/bin/python" -m pip install -q -e ".[dev]"
 {
   sed -n '1,/^# sqlalchemy/p' constraints.txt
-  "$tmp/venv/bin/python" -m pip freeze --exclude-editable | grep -v -E '^(ssl-pipeline|pip)=='
+  "$tmp/venv/bin/python" -m pip freeze --all --exclude-editable | grep -v -E '^(ssl-pipeline|pip)=='
 } > "$tmp/constraints.txt"
 mv "$tmp/constraints.txt" constraints.txt
 echo "constraints.txt rewritten; review the diff and run the tests"

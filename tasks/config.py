@@ -2,7 +2,9 @@
 
 ``params.yaml`` holds the default profile at its top level and, under ``profiles:``, the
 keys each other profile changes. ``--set key=value`` overrides apply last. Unknown keys
-and bad values fail before any work starts, with an error naming the key.
+and bad values fail before any work starts, with an error naming the key. Without a
+``params.yaml`` in the working directory the built-in one applies (the checkout's, shipped in
+the package as ``BUILT_IN_PARAMS``).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from ssl_models.evaluate import LinearProbeSettings
 from ssl_models.methods import METHODS, method_params
 from ssl_models.train import Precision, TrainSettings
 
+BUILT_IN_PARAMS = Path(__file__).with_name("default_params.yaml")  # a link to the checkout's params.yaml
 Fraction = Annotated[float, Field(gt=0, le=1)]
 Probability = Annotated[float, Field(ge=0, le=1)]
 
@@ -510,13 +513,22 @@ def _format_errors(source: str, error: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def config_file(path: str | Path | None = None) -> Path:
+    """The params file to read: ``path`` when given (a missing one is an error), else
+    ``params.yaml`` in the working directory, else the built-in defaults."""
+    if path is not None:
+        return Path(path)
+    local = Path("params.yaml")
+    return local if local.exists() else BUILT_IN_PARAMS
+
+
 def load_config(
-    path: str | Path = "params.yaml",
+    path: str | Path | None = None,
     profile: str = "default",
     overrides: list[str] | tuple[str, ...] = (),
 ) -> PipelineConfig:
-    """Read ``path``, apply ``profile`` and ``key=value`` overrides, and validate."""
-    path = Path(path)
+    """Read ``path`` (:func:`config_file`), apply ``profile`` and ``key=value`` overrides, and validate."""
+    path = config_file(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except FileNotFoundError:

@@ -43,19 +43,25 @@ class DatasetVersion:
 
 
 @contextlib.contextmanager
+def _quiet_dvc() -> Iterator[None]:
+    """DVC's INFO lines ("git add ..." hints, "Initialized DVC repository"): the callers say what to do."""
+    dvc_logger = logging.getLogger("dvc")
+    level = dvc_logger.level
+    dvc_logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        dvc_logger.setLevel(level)
+
+
+@contextlib.contextmanager
 def open_repo(root: str | Path) -> Iterator[Repo]:
     """The DVC repository at ``root``; DVC resolves paths from the working directory, so we enter it."""
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
         raise VersioningError(f"{root}: not a DVC repository (ssl-pipeline data init, or dvc init)")
-    dvc_logger = logging.getLogger("dvc")
-    level = dvc_logger.level
-    dvc_logger.setLevel(logging.WARNING)  # DVC's "git add ..." hints: the callers say what to commit
-    try:
-        with contextlib.chdir(root), Repo(str(root)) as repo:
-            yield repo
-    finally:
-        dvc_logger.setLevel(level)
+    with _quiet_dvc(), contextlib.chdir(root), Repo(str(root)) as repo:
+        yield repo
 
 
 def init(root: str | Path, remote_url: str, endpoint_url: str | None = None, name: str = "storage") -> None:
@@ -66,7 +72,8 @@ def init(root: str | Path, remote_url: str, endpoint_url: str | None = None, nam
     """
     root = Path(root).resolve()
     if not (root / ".dvc").is_dir():
-        Repo.init(str(root), no_scm=not (root / ".git").exists())
+        with _quiet_dvc():
+            Repo.init(str(root), no_scm=not (root / ".git").exists())
     local = "://" not in remote_url
     if local:  # DVC reads a path relative to the working directory (root) and stores it relative to .dvc/
         remote_url = os.path.relpath(Path(remote_url).resolve(), root)

@@ -41,6 +41,16 @@ def _load(config: Path | None, profile: str, overrides: list[str] | None) -> Pip
     return load(config, profile, overrides, console)
 
 
+def exit_code(error: BaseException) -> int:
+    """2: a bad setting, 3: bad data, 4: a server that does not answer, 1: anything else."""
+    from ssl_models.data import DataError
+
+    for kind, code in ((ConfigError, 2), (DataError, 3), (ConnectionError, 4)):
+        if isinstance(error, kind):
+            return code
+    return 1
+
+
 def prepare_environment(cfg: PipelineConfig) -> None:
     """Embedded defaults, set before Prefect is imported; the user's environment wins."""
     for key, value in TELEMETRY_OFF.items():
@@ -116,25 +126,42 @@ def run(
     only_if_new_data: Annotated[
         bool, typer.Option(help="End after the data step if the champion was trained on these datasets.")
     ] = False,
+    check: Annotated[
+        bool, typer.Option("--check", help="Only the checks before work (servers, labels, images, disk).")
+    ] = False,
 ) -> None:
     """Run the whole pipeline (Prefect flow) with the embedded defaults.
 
+    Everything that can be known before work is checked first (``--check``: only that).
     Finished stages are cached: a rerun resumes where a crash stopped it, and a rerun on the
     same data, config and code reaches the registry without training.
+
+    Exit codes: 0 done, 1 an unexpected error, 2 a bad setting, 3 bad data, 4 a server that
+    does not answer.
     """
     cfg = _load(config, profile, overrides)
-    prepare_environment(cfg)
     start = time.perf_counter()
+    from tasks.preflight import preflight
+
+    try:
+        checked = preflight(cfg)  # before Prefect, the data step or the cluster start
+    except Exception as e:
+        console.print(f"[red]ssl-pipeline run: check failed:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exit_code(e)) from None
+    if check:
+        console.print("\n".join(f"ok  {line}" for line in checked), highlight=False, soft_wrap=True)
+        console.print(f"Checks passed in {time.perf_counter() - start:.1f} s.", highlight=False)
+        return
+    prepare_environment(cfg)
     from flows.pipeline import ssl_pipeline
     from flows.progress import progress_bars
 
     try:
-        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
         with progress_bars(console):
             result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(e)) from None
     seconds = time.perf_counter() - start
     summary: dict[str, object] = {"profile": cfg.profile, "data_sha256": result.data.digests()}
     if result.skipped or not (result.pretraining and result.sweep and result.promotion):
@@ -216,7 +243,7 @@ def sweep(
         result = ssl_sweep(cfg, pretrain_run)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline sweep failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(e)) from None
     print_sweep(cfg, result.sweep)
     console.print(f"MLflow sweep run {result.run_id}; model {result.model_uri}.", highlight=False)
 
@@ -240,7 +267,7 @@ def pretrain(
         result = ssl_pretraining(cfg)
     except Exception as e:  # the flow already logged the traceback
         console.print(f"[red]ssl-pipeline pretrain failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(1) from None
+        raise typer.Exit(exit_code(e)) from None
     out = result.pretrain
     table = Table(
         title=f"Pretraining {cfg.pretrain.method} / {cfg.model.backbone} on {cfg.ray.num_workers} workers"

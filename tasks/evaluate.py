@@ -239,9 +239,11 @@ def label_splits(
         pool = torch.ones(len(labels), dtype=torch.bool)
         pool[validation] = False
         rest = pool.nonzero().flatten()
+        _require_per_class(labels[rest], budgets, " outside the validation split")
         return {
             (s, b): LabelSplit(rest[b.draw(labels[rest], s)], validation) for s in ev.seeds for b in budgets
         }
+    _require_per_class(labels, budgets, "")
     splits = {}
     for s in ev.seeds:
         for b in budgets:
@@ -257,6 +259,18 @@ def label_splits(
                 )
             splits[s, b] = LabelSplit(train, drawn[held_out])
     return splits
+
+
+def _require_per_class(labels: torch.Tensor, budgets: list[LabelBudget], where: str) -> None:
+    """A budget of n labels a class needs n labels of every class (else the cell is not what it says)."""
+    counts = torch.bincount(labels)
+    fewest = int(counts[counts > 0].min())
+    for b in budgets:
+        if b.per_class and b.per_class > fewest:
+            raise ValueError(
+                f"evaluate.labels_per_class: {b.phrase}, but a class has only {fewest} labeled "
+                f"images{where}; lower the budget or label more images"
+            )
 
 
 def check_label_budgets(cfg: PipelineConfig, data: PreparedData) -> None:

@@ -19,6 +19,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from ssl_models.data import load_fashion_mnist
 from tests.conftest import REPO
 
 CLI = [sys.executable, "-m", "flows.cli"]
@@ -76,17 +77,14 @@ def test_bad_config_fails_before_any_work_naming_the_key(tmp_path: Path) -> None
     assert not (tmp_path / "ws").exists()
 
 
-def test_a_label_budget_the_data_cannot_hold_fails_before_pretraining(tmp_path: Path) -> None:
-    """One label a class leaves nothing to train on once a fifth is held out to select on: known as
-    soon as the labels are read, so pretraining never starts."""
+def test_a_label_budget_the_data_cannot_hold_fails_before_any_work(tmp_path: Path) -> None:
+    """One label a class leaves nothing to train on once a fifth is held out to select on: known
+    from the source's listing, so neither Prefect nor the data step starts (exit code 2)."""
     out = smoke_run(tmp_path / "ws", "evaluate.labels_per_class=[1]", "data.dvc.enabled=false", timeout=600)
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert "evaluate.selection_share: the budget of 1 a class (10 labels)" in out.stdout
-    assert "Task run 'check-label-budgets" in out.stdout + out.stderr
-    assert (
-        "pretrain epoch" not in out.stdout + out.stderr
-        and "Task run 'pretraining" not in out.stdout + out.stderr
-    )
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "check failed: evaluate.selection_share: the budget of 1 a class (10 labels)" in out.stdout
+    assert "Starting temporary server" not in out.stdout + out.stderr
+    assert not (tmp_path / "ws").exists()
 
 
 def read_test_set(data: Path, version: Any) -> tuple[np.ndarray, Any]:
@@ -334,11 +332,13 @@ def test_the_same_command_again_takes_every_stage_from_the_cache(smoke: SmokeRun
 
 @pytest.mark.slow
 def test_corrupt_new_data_stops_the_run_naming_the_file_and_keeps_what_is_stored(
-    smoke: SmokeRun, tmp_path: Path
+    smoke: SmokeRun, tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:
     """One sentence naming the file; what the registry and the workspace already hold is untouched."""
-    for split in ("unlabeled", "labeled/a", "labeled/b", "test/a", "test/b"):
-        (tmp_path / "new" / split).mkdir(parents=True)
+    images = load_fashion_mnist(fashion_mnist_dir)[0].images
+    for i, split in enumerate(20 * ["unlabeled", "labeled/a", "labeled/b", "test/a", "test/b"]):
+        (tmp_path / "new" / split).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(images[i, 0].numpy()).save(tmp_path / "new" / split / f"{i}.png")
     (tmp_path / "new" / "test" / "a" / "scan-0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     data = smoke.workspace / "dvc-repo" / "data"
     stored = {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}
@@ -350,7 +350,7 @@ def test_corrupt_new_data_stops_the_run_naming_the_file_and_keeps_what_is_stored
         f"data.test_dir={tmp_path / 'new' / 'test'}",
         prefect_api=smoke.prefect_api,
     )
-    assert bad.returncode == 1
+    assert bad.returncode == 3, bad.stdout + bad.stderr  # bad data
     assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout
     client = smoke.client()
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"

@@ -16,15 +16,19 @@ from tests.test_pipeline import run_cli
 
 
 def write_class_folders(root: Path, fashion_mnist_dir: Path, mode: str = "L", per_class: int = 3) -> Path:
-    """Fashion-MNIST images as PNG files in one sub-folder per class (``mode`` "RGB": colour files)."""
+    """``per_class`` Fashion-MNIST images of each class as PNG files in one sub-folder per class
+    (``mode`` "RGB": colour files)."""
     train, _ = load_fashion_mnist(fashion_mnist_dir)
-    for i in range(30):
-        label = int(train.labels[i])
-        folder = root / f"class_{label}"
-        folder.mkdir(parents=True, exist_ok=True)
-        if len(list(folder.iterdir())) < per_class:
+    written = dict.fromkeys(range(10), 0)
+    for i, label in enumerate(train.labels.tolist()):
+        if written[label] < per_class:
+            folder = root / f"class_{label}"
+            folder.mkdir(parents=True, exist_ok=True)
             Image.fromarray(train.images[i, 0].numpy()).convert(mode).save(folder / f"{i}.png")
-    return root
+            written[label] += 1
+        if min(written.values()) == per_class:
+            return root
+    raise AssertionError("Fashion-MNIST has fewer images of a class")
 
 
 def test_init_makes_a_project_for_a_users_folders(tmp_path: Path, fashion_mnist_dir: Path) -> None:

@@ -220,7 +220,7 @@ def test_an_unreachable_ray_cluster_fails_naming_the_setting(fashion_mnist_dir: 
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_", "RAY_ADDRESS"))}
     env.update(PYTHONPATH=str(REPO), COLUMNS="200", RAY_ADDRESS=address)
     out = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1, out.stdout + out.stderr
+    assert out.returncode == 4, out.stdout + out.stderr
     assert f"cannot reach the Ray cluster at '{address}' (ray.address or RAY_ADDRESS)" in out.stdout
     assert not (tmp_path / "ws" / "ray").exists()
     assert "Starting temporary server" not in out.stdout + out.stderr  # checked before any work

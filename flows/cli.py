@@ -485,6 +485,104 @@ def serve(config: ConfigPath = None, profile: Profile = "default", overrides: Ov
         console.print("Stopped serving.")
 
 
+ModelUri = Annotated[str, typer.Argument(help="models:/NAME@ALIAS, models:/NAME/VERSION or runs:/RUN/MODEL")]
+
+
+def _classifier(cfg: PipelineConfig, uri: str):  # type: ignore[no-untyped-def]
+    """The model's classifier, or exit 4 (server) / 1 (no such model) with one sentence."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.serving import load_classifier
+    from tasks.tracking import client_for
+
+    client_for(cfg)  # the configured tracking and registry URIs
+    try:
+        return load_classifier(uri)
+    except MlflowException as e:
+        console.print(f"[red]error:[/red] {uri}: {str(e).splitlines()[0]}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as e:
+        console.print(
+            f"[red]error:[/red] {uri}: cannot load the model ({e})", highlight=False, soft_wrap=True
+        )
+        raise typer.Exit(4) from None
+
+
+@app.command()
+def export(
+    uri: ModelUri,
+    format: Annotated[str, typer.Option("--format", "-f", help="onnx | torchscript | state-dict")] = "onnx",
+    out: Annotated[Path, typer.Option(help="The folder to write.")] = Path("export"),
+    config: ConfigPath = None,
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Write a model's encoder and classifier for other frameworks, with a README of the preprocessing."""
+    from ssl_models.export import FORMATS, export_classifier
+
+    if format not in FORMATS:
+        console.print(
+            f"[red]error:[/red] --format {format}: choose one of {', '.join(FORMATS)}", highlight=False
+        )
+        raise typer.Exit(2)
+    cfg = _load(config, profile, overrides)
+    classifier = _classifier(cfg, uri)
+    written = export_classifier(classifier, out, format)  # type: ignore[arg-type]
+    console.print(f"Wrote {', '.join(str(p) for p in written)}.", highlight=False, soft_wrap=True)
+
+
+@app.command()
+def predict(
+    uri: ModelUri,
+    images: Annotated[
+        str, typer.Argument(help="A folder, s3://bucket/prefix, or a .csv/.parquet table of path.")
+    ],
+    out: Annotated[Path, typer.Option(help="The CSV to write: path, class, probability, error.")] = Path(
+        "predictions.csv"
+    ),
+    config: ConfigPath = None,
+    profile: Profile = "default",
+    overrides: Overrides = None,
+) -> None:
+    """Classify every image of a folder (or S3 prefix, or table) with a model, streaming, into a CSV."""
+    from rich.progress import Progress
+
+    from ssl_models.data import DataError
+    from tasks.predict import predict_to_csv
+    from tasks.sources import list_source, source_items
+
+    cfg = _load(config, profile, overrides)
+    endpoint = cfg.data.source_endpoint_url
+    try:
+        total = list_source(source_items(images, "unlabeled", endpoint)).count
+    except (DataError, OSError) as e:
+        console.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(3) from None
+    classifier = _classifier(cfg, uri)
+    s3_client = None
+    if images.startswith("s3://"):
+        from tasks.s3 import shared_client
+
+        s3_client = shared_client(endpoint)
+    with Progress(console=console, transient=True) as progress:
+        bar = progress.add_task("classifying", total=total)
+        report = predict_to_csv(
+            classifier,
+            source_items(images, "unlabeled", endpoint),
+            out,
+            s3_client,
+            on_batch=lambda n: progress.advance(bar, n),
+        )
+    console.print(
+        f"Classified {report.classified} of {report.images} images into {out}"
+        + (f"; {report.failed} could not be read (their reason in the error column)" if report.failed else "")
+        + (f"; {report.skipped} entries are no image files" if report.skipped else "")
+        + ".",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 SourceOption = Annotated[
     str | None,
     typer.Option(

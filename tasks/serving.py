@@ -157,3 +157,12 @@ def log_image_classifier(
             metadata={"classifier": spec.to_dict()},
         )
     return info.model_uri
+
+
+def load_classifier(model_uri: str) -> ImageClassifier:
+    """The ``ImageClassifier`` inside a logged or registered model (``models:/NAME@ALIAS``,
+    ``models:/NAME/VERSION``, ``runs:/...``), with the tracking URIs the caller set."""
+    model = mlflow.pyfunc.load_model(model_uri)
+    classifier = model.unwrap_python_model().classifier  # type: ignore[attr-defined]
+    assert isinstance(classifier, ImageClassifier)
+    return classifier

@@ -1,5 +1,6 @@
 """A project of a user's own: ``ssl-pipeline init``, the built-in defaults, the installed wheel."""
 
+import csv
 import json
 import subprocess
 import sys
@@ -7,6 +8,7 @@ import zipfile
 from pathlib import Path
 
 import yaml
+import pytest
 from PIL import Image
 
 from ssl_models.data import load_fashion_mnist
@@ -15,16 +17,19 @@ from tests.conftest import REPO
 from tests.test_pipeline import run_cli
 
 
-def write_class_folders(root: Path, fashion_mnist_dir: Path, mode: str = "L", per_class: int = 3) -> Path:
-    """``per_class`` Fashion-MNIST images of each class as PNG files in one sub-folder per class
-    (``mode`` "RGB": colour files)."""
-    train, _ = load_fashion_mnist(fashion_mnist_dir)
+def write_class_folders(
+    root: Path, fashion_mnist_dir: Path, mode: str = "L", per_class: int = 3, split: str = "train"
+) -> Path:
+    """``per_class`` Fashion-MNIST images of each class (of the ``split`` set) as PNG files in one
+    sub-folder per class (``mode`` "RGB": colour files)."""
+    train, test = load_fashion_mnist(fashion_mnist_dir)
+    images = train if split == "train" else test
     written = dict.fromkeys(range(10), 0)
-    for i, label in enumerate(train.labels.tolist()):
+    for i, label in enumerate(images.labels.tolist()):
         if written[label] < per_class:
             folder = root / f"class_{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(train.images[i, 0].numpy()).convert(mode).save(folder / f"{i}.png")
+            Image.fromarray(images.images[i, 0].numpy()).convert(mode).save(folder / f"{i}.png")
             written[label] += 1
         if min(written.values()) == per_class:
             return root
@@ -132,3 +137,58 @@ def test_the_wheel_carries_the_built_in_params_and_runs_outside_the_checkout(tmp
     assert shown.returncode == 0, shown.stderr
     assert shown.stdout.startswith(str(site))  # the installed wheel's code, not the checkout's
     assert '"profile": "default"' in shown.stdout
+
+
+@pytest.mark.slow
+def test_a_new_user_goes_from_their_folders_to_predictions(
+    tmp_path: Path, fashion_mnist_dir: Path, prefect_server: str
+) -> None:
+    """Outside the checkout: ``init`` on class folders whose labels come as a CSV, ``run --check``
+    refusing a budget the labels cannot hold, ``run`` (smoke), then ``export`` and ``predict``."""
+    train = write_class_folders(tmp_path / "images" / "train", fashion_mnist_dir, per_class=40)
+    test = write_class_folders(tmp_path / "images" / "test", fashion_mnist_dir, per_class=10, split="test")
+    table = tmp_path / "images" / "labels.csv"
+    rows = [f"{p.relative_to(table.parent)},{p.parent.name}" for p in sorted(train.rglob("*.png"))]
+    table.write_text("path,label\n" + "\n".join(rows) + "\n")
+    made = run_cli(
+        "init", "proj", "--unlabeled", str(train), "--labeled", str(table), "--test", str(test), cwd=tmp_path
+    )
+    assert made.returncode == 0, made.stdout + made.stderr
+    project = tmp_path / "proj"
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, cwd=project, timeout=900, prefect_api=prefect_server)
+
+    refused = cli("run", "--check", "--profile", "smoke", "--set", "evaluate.labels_per_class=[50]")
+    assert refused.returncode == 2, refused.stdout + refused.stderr
+    assert (
+        "evaluate.labels_per_class: 50 labels a class, but a class has only 40 labeled images"
+        in refused.stdout
+    )
+    assert not (project / "workspace").exists()
+
+    ran = cli("run", "--profile", "smoke")
+    assert ran.returncode == 0, ran.stdout[-3000:] + ran.stderr[-3000:]
+    assert "The champion is version 1" in ran.stdout
+
+    exported = cli("export", "models:/proj@champion", "--format", "onnx", "--out", "exported")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert {p.name for p in (project / "exported").iterdir()} >= {
+        "encoder.onnx",
+        "classifier.onnx",
+        "README.md",
+    }
+
+    (test / "class_0" / "notes.txt").write_text("not an image")
+    (test / "class_0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
+    predicted = cli("predict", "models:/proj@champion", str(test), "--out", "predictions.csv")
+    assert predicted.returncode == 0, predicted.stdout + predicted.stderr
+    assert "Classified 100 of 101 images into predictions.csv; 1 could not be read" in predicted.stdout
+    with (project / "predictions.csv").open() as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 101
+    good = [r for r in written if not r["error"]]
+    assert {r["class"] for r in good} <= {f"class_{i}" for i in range(10)}
+    assert all(0 < float(r["probability"]) <= 1 for r in good)
+    (bad,) = [r for r in written if r["error"]]
+    assert bad["path"].endswith("broken.png") and "cannot decode" in bad["error"]

@@ -7,8 +7,8 @@ import sys
 import zipfile
 from pathlib import Path
 
-import yaml
 import pytest
+import yaml
 from PIL import Image
 
 from ssl_models.data import load_fashion_mnist

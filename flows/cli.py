@@ -6,8 +6,9 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 import typer
 from rich.console import Console
@@ -26,6 +27,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console()
+T = TypeVar("T")
 app.add_typer(data_app, name="data")
 app.add_typer(stack_app, name="stack")
 
@@ -39,6 +41,32 @@ TELEMETRY_OFF = {
 
 def _load(config: Path | None, profile: str, overrides: list[str] | None) -> PipelineConfig:
     return load(config, profile, overrides, console)
+
+
+def _require_reachable(cfg: PipelineConfig, command: str) -> None:
+    try:
+        cluster.require_reachable(cfg)
+    except ConnectionError as e:
+        console.print(f"[red]ssl-pipeline {command} failed:[/red] {e}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exit_code(e)) from None
+
+
+def _flow_result(cfg: PipelineConfig, command: str, flow: Callable[[], T]) -> T:
+    """``flow()`` with the command's whole log in the workspace (``flows.run_log``); a failure is
+    one sentence, the log's path and an exit code (:func:`exit_code`)."""
+    from flows.run_log import run_log
+
+    with run_log(cfg, command) as log:
+        try:
+            return flow()
+        except Exception as e:
+            console.print(
+                f"[red]ssl-pipeline {command} failed:[/red] {type(e).__name__}: {e}\n"
+                f"The whole log, with the traceback: {log}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(exit_code(e)) from None
 
 
 def exit_code(error: BaseException) -> int:
@@ -156,12 +184,10 @@ def run(
     from flows.pipeline import ssl_pipeline
     from flows.progress import progress_bars
 
-    try:
-        with progress_bars(console):
-            result = ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
-    except Exception as e:  # the flow already logged the traceback
-        console.print(f"[red]ssl-pipeline run failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(exit_code(e)) from None
+    with progress_bars(console):
+        result = _flow_result(
+            cfg, "run", lambda: ssl_pipeline(cfg, only_if_new_data=only_if_new_data, refresh=refresh)
+        )
     seconds = time.perf_counter() - start
     summary: dict[str, object] = {"profile": cfg.profile, "data_sha256": result.data.digests()}
     if result.skipped or not (result.pretraining and result.sweep and result.promotion):
@@ -238,12 +264,8 @@ def sweep(
     prepare_environment(cfg)
     from flows.pipeline import ssl_sweep
 
-    try:
-        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
-        result = ssl_sweep(cfg, pretrain_run)
-    except Exception as e:  # the flow already logged the traceback
-        console.print(f"[red]ssl-pipeline sweep failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(exit_code(e)) from None
+    _require_reachable(cfg, "sweep")  # before any work: Prefect, MLflow
+    result = _flow_result(cfg, "sweep", lambda: ssl_sweep(cfg, pretrain_run))
     print_sweep(cfg, result.sweep)
     console.print(f"MLflow sweep run {result.run_id}; model {result.model_uri}.", highlight=False)
 
@@ -262,12 +284,8 @@ def pretrain(
     prepare_environment(cfg)
     from flows.pipeline import ssl_pretraining
 
-    try:
-        cluster.require_reachable(cfg)  # before any work: Prefect, data, MLflow
-        result = ssl_pretraining(cfg)
-    except Exception as e:  # the flow already logged the traceback
-        console.print(f"[red]ssl-pipeline pretrain failed:[/red] {type(e).__name__}: {e}", highlight=False)
-        raise typer.Exit(exit_code(e)) from None
+    _require_reachable(cfg, "pretrain")  # before any work: Prefect, data, MLflow
+    result = _flow_result(cfg, "pretrain", lambda: ssl_pretraining(cfg))
     out = result.pretrain
     table = Table(
         title=f"Pretraining {cfg.pretrain.method} / {cfg.model.backbone} on {cfg.ray.num_workers} workers"

@@ -111,7 +111,7 @@ def source_of(cfg: PipelineConfig, name: str) -> tuple[str, Callable[[], Iterato
         description = location
 
         def items() -> Iterator[SourceItem]:
-            return first_images(source_items(location, _kind(name), d.source_endpoint_url), limit)
+            return first_images(source_items(location, _kind(name), d.source_endpoint_url, name), limit)
 
     return description, items
 

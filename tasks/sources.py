@@ -151,14 +151,22 @@ def _inside(location: str, root: str) -> bool:
     return os.path.commonpath([os.path.realpath(location), os.path.realpath(root)]) == os.path.realpath(root)
 
 
-def table_items(table: Path, kind: Kind, root: str | None = None) -> Iterator[SourceItem]:
-    """Rows of a CSV or Parquet table with a ``path`` column (relative to ``root``, or an absolute
-    path or ``s3://`` URI under it) and, for labeled data, a ``label`` column.
+SPLITS = ("unlabeled", "labeled", "test")
 
-    ``root`` defaults to the table's folder. A row that points outside it is refused, naming the row.
+
+def table_items(
+    table: Path, kind: Kind, root: str | None = None, split: str | None = None
+) -> Iterator[SourceItem]:
+    """Rows of a CSV or Parquet table with a ``path`` column (relative to ``root``, or an absolute
+    path or ``s3://`` URI under it), for labeled data a ``label`` column, and optionally a
+    ``split`` column (unlabeled, labeled or test): with ``split`` given, only its rows.
+
+    ``root`` defaults to the table's folder. A row that points outside it, an unknown split, and
+    (in labeled data) a path listed twice are refused, naming the row.
     """
     root = root or str(table.parent)
     row = 0
+    first_row: dict[str, int] = {}  # labeled data only: labels are few, the check's memory too
     for batch in _table_batches(table):
         names = batch.schema.names
         if "path" not in names or (kind == "labeled" and "label" not in names):
@@ -166,8 +174,13 @@ def table_items(table: Path, kind: Kind, root: str | None = None) -> Iterator[So
             raise DataError(f"{table}: a label table needs the columns {wanted}; it has {names}")
         paths = batch.column("path").to_pylist()
         labels = batch.column("label").to_pylist() if "label" in names else [None] * len(paths)
-        for path, label in zip(paths, labels, strict=True):
+        splits = batch.column("split").to_pylist() if "split" in names else [None] * len(paths)
+        for path, label, row_split in zip(paths, labels, splits, strict=True):
             row += 1
+            if row_split is not None and str(row_split) not in SPLITS:
+                raise DataError(f"{table}: row {row}: split {row_split!r} is none of {', '.join(SPLITS)}")
+            if split is not None and row_split is not None and str(row_split) != split:
+                continue
             if not path:
                 raise DataError(f"{table}: row {row}: empty path")
             if kind == "labeled" and (label is None or str(label) == ""):
@@ -177,6 +190,12 @@ def table_items(table: Path, kind: Kind, root: str | None = None) -> Iterator[So
                 raise DataError(f"{table}: row {row}: {path!r}: only local paths and s3:// URIs are read")
             if not _inside(location, root):
                 raise DataError(f"{table}: row {row}: {path!r} points outside the source root {root}")
+            if kind == "labeled":
+                if location in first_row:
+                    raise DataError(
+                        f"{table}: row {row}: {path!r} is listed again (first at row {first_row[location]})"
+                    )
+                first_row[location] = row
             stamp = ""
             size = 0
             if not location.startswith("s3://"):
@@ -200,15 +219,18 @@ def first_images(items: Iterator[SourceItem], limit: int | None) -> Iterator[Sou
         images += not item.skipped
 
 
-def source_items(location: str, kind: Kind, endpoint_url: str | None = None) -> Iterator[SourceItem]:
-    """The images at ``location``: ``s3://bucket/prefix``, a .csv/.parquet label table, or a folder."""
+def source_items(
+    location: str, kind: Kind, endpoint_url: str | None = None, split: str | None = None
+) -> Iterator[SourceItem]:
+    """The images at ``location``: ``s3://bucket/prefix``, a .csv/.parquet label table (only the
+    rows of ``split`` when it has a split column), or a folder."""
     if location.startswith("s3://"):
         from tasks.s3 import s3_items
 
         return s3_items(location, kind, endpoint_url)
     path = Path(location)
     if path.is_file() and path.suffix.lower() in TABLE_SUFFIXES:
-        return table_items(path, kind)
+        return table_items(path, kind, split=split)
     return folder_items(path, kind)
 
 

@@ -266,6 +266,31 @@ def test_a_label_table_reads_paths_under_its_root_and_refuses_a_row_outside_it(t
         list(table_items(root / "labels.parquet", "labeled"))
 
 
+def test_one_table_with_a_split_column_serves_each_dataset_its_rows(tmp_path: Path) -> None:
+    root = tmp_path / "images"
+    rows = [("path", "label", "split")]
+    for i, split in enumerate(["labeled", "labeled", "test", "unlabeled"]):
+        write_png(root / f"{i}.png", seed=i)
+        rows.append((f"{i}.png", "" if split == "unlabeled" else f"class_{i % 2}", split))
+    table = root / "labels.csv"
+    with table.open("w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    names = {
+        split: [Path(item.name).name for item in source_items(str(table), kind, split=split)]
+        for split, kind in (("labeled", "labeled"), ("test", "labeled"), ("unlabeled", "unlabeled"))
+    }
+    assert names == {"labeled": ["0.png", "1.png"], "test": ["2.png"], "unlabeled": ["3.png"]}
+
+    with table.open("a", newline="") as f:
+        csv.writer(f).writerow(("0.png", "class_1", "labeled"))
+    with pytest.raises(DataError, match=rf"{table}: row 5: '0.png' is listed again \(first at row 1\)"):
+        list(source_items(str(table), "labeled", split="labeled"))
+    with table.open("a", newline="") as f:
+        csv.writer(f).writerow(("1.png", "class_1", "validation"))
+    with pytest.raises(DataError, match=r"row 6: split 'validation' is none of unlabeled, labeled, test"):
+        list(source_items(str(table), "unlabeled", split="unlabeled"))
+
+
 def test_idx_pair_with_a_wrong_labels_file_fails_naming_it_and_writes_nothing(
     fashion_mnist_dir: Path, tmp_path: Path
 ) -> None:

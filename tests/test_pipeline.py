@@ -352,6 +352,9 @@ def test_corrupt_new_data_stops_the_run_naming_the_file_and_keeps_what_is_stored
     )
     assert bad.returncode == 3, bad.stdout + bad.stderr  # bad data
     assert "ssl-pipeline run failed: DataError:" in bad.stdout and "scan-0001.png" in bad.stdout
+    assert "Traceback" not in bad.stdout + bad.stderr  # a user's error: the traceback is in the log
+    log = Path(re.search(r"The whole log, with the traceback: (\S+)", bad.stdout)[1])  # type: ignore[index]
+    assert "Traceback" in (smoke.workspace.parent / log).read_text()
     client = smoke.client()
     assert str(client.get_model_version_by_alias(MODEL, "champion").version) == "1"
     assert len(client.search_model_versions(f"name='{MODEL}'")) == 1

@@ -62,9 +62,7 @@ def _usage(stack: Stack) -> str:
 
 
 @stack_app.command("up")
-def up(
-    config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None
-) -> None:
+def up(config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None) -> None:
     """Start the servers that are not running and wait until all are healthy."""
     stack = _stack(config, profile, overrides)
     try:
@@ -125,9 +123,7 @@ def status(
 
 
 @stack_app.command("env")
-def env(
-    config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None
-) -> None:
+def env(config: ConfigPath = None, profile: Profile = "default", overrides: Overrides = None) -> None:
     """Shell `export` lines for the stack's endpoints and credentials: eval "$(ssl-pipeline stack env)"."""
     stack = _stack(config, profile, overrides)
     try:

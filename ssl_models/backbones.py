@@ -6,7 +6,7 @@ Each backbone exposes ``num_features`` so heads can be sized without a dummy for
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -173,13 +173,59 @@ BACKBONES: dict[str, Callable[[int, int], nn.Module]] = {
 }
 
 
-def create_backbone(name: str, in_channels: int = 1, image_size: int = 28) -> nn.Module:
-    """Build a randomly initialised backbone; weights are never downloaded."""
+def is_timm_model(name: str) -> bool:
+    """A model name of timm (``timm.list_models()``), when timm is installed."""
     try:
-        factory = BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)}") from None
-    return factory(in_channels, image_size)
+        import timm
+    except ImportError:
+        return False
+    return name in timm.list_models()
+
+
+def _timm(name: str, in_channels: int, image_size: int, weights: str | None) -> nn.Module:
+    """A timm model without its classifier (``num_classes=0``: pooled features). With ``weights``
+    (a local file, e.g. ImageNet weights a user has) timm loads them as its pretrained weights,
+    dropping the classifier and adapting the first layer to ``in_channels``; nothing is downloaded."""
+    import timm
+
+    kwargs: dict[str, Any] = {"num_classes": 0, "in_chans": in_channels}
+    if weights:
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": weights}}
+    try:
+        model = timm.create_model(name, img_size=image_size, **kwargs)
+    except TypeError:  # no img_size argument: a convolutional network, any size
+        model = timm.create_model(name, **kwargs)
+    return TimmTrunk(model)
+
+
+class TimmTrunk(nn.Module):
+    """A timm model without its classifier; ``num_features`` is the width it returns (a model with
+    a pre-logits layer, such as MobileNetV3's, returns that layer's width, not ``num_features``)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+        width: Any = getattr(net, "head_hidden_size", None) or net.num_features
+        self.num_features = int(width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+def create_backbone(
+    name: str, in_channels: int = 1, image_size: int = 28, weights: str | None = None
+) -> nn.Module:
+    """Build a backbone, one of ``BACKBONES`` or any timm model by name: randomly initialised, or
+    from ``weights`` (a local state-dict file of the backbone; for timm, its own checkpoint format).
+    Weights are never downloaded."""
+    if name in BACKBONES:
+        backbone = BACKBONES[name](in_channels, image_size)
+        if weights:
+            backbone.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+        return backbone
+    if is_timm_model(name):
+        return _timm(name, in_channels, image_size, weights)
+    raise ValueError(f"unknown backbone {name!r}; choose one of {sorted(BACKBONES)} or a timm model name")
 
 
 class Encoder(nn.Module):

@@ -5,7 +5,7 @@ and the classifier (encoder + linear head), with ``spec.json`` and a README of t
 preprocessing. The ONNX and TorchScript models take float32 images N x C x H x W scaled to
 [0, 1] (the normalisation is inside) with any batch size; the state dicts are named as the
 architecture's own module (``encoder_state_dict.pt``: a torchvision ResNet or
-VisionTransformer without its head, or ``ssl_models.backbones.SmallCNN``), the normalisation
+VisionTransformer without its head, a timm model, or ``ssl_models.backbones.SmallCNN``), the normalisation
 written in the README.
 """
 
@@ -18,7 +18,7 @@ from typing import Literal, get_args
 import torch
 from torch import nn
 
-from ssl_models.backbones import Encoder, SmallCNN, ViTTrunk, _ResNetTrunk
+from ssl_models.backbones import Encoder, SmallCNN, TimmTrunk, ViTTrunk, _ResNetTrunk
 from ssl_models.classifier import ImageClassifier
 
 Format = Literal["onnx", "torchscript", "state-dict"]
@@ -51,6 +51,11 @@ def architecture_state_dict(backbone: nn.Module) -> tuple[dict[str, torch.Tensor
         widths = tuple(m.out_channels for m in backbone.features if isinstance(m, nn.Conv2d))
         first = next(m for m in backbone.features if isinstance(m, nn.Conv2d))
         return backbone.state_dict(), f"ssl_models.backbones.SmallCNN({first.in_channels}, widths={widths})"
+    if isinstance(backbone, TimmTrunk):
+        architecture = backbone.net.pretrained_cfg["architecture"]  # type: ignore[index]
+        first = next(m for m in backbone.modules() if isinstance(m, nn.Conv2d))
+        how = f"timm.create_model({architecture!r}, num_classes=0, in_chans={first.in_channels})"
+        return backbone.net.state_dict(), how
     raise TypeError(f"no architecture name for {type(backbone).__name__}")
 
 

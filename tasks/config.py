@@ -30,7 +30,7 @@ from pydantic import (
 )
 
 from ssl_models.augment import AugmentParams
-from ssl_models.backbones import BACKBONES
+from ssl_models.backbones import BACKBONES, is_timm_model
 from ssl_models.distill import DistillSettings
 from ssl_models.evaluate import LinearProbeSettings
 from ssl_models.methods import METHODS, method_params
@@ -138,13 +138,18 @@ class AugmentConfig(_Section):
 
 
 class ModelConfig(_Section):
-    backbone: str = "small_cnn"
+    backbone: str = "small_cnn"  # one of BACKBONES, or any timm model by name
+    # A local file of the backbone's weights to start from (timm: its checkpoint, e.g. ImageNet
+    # weights a user has; the others: a state dict); read by every pretraining worker.
+    weights: str | None = None
 
     @field_validator("backbone")
     @classmethod
     def _known(cls, v: str) -> str:
-        if v not in BACKBONES:
-            raise ValueError(f"unknown backbone {v!r}; choose one of {sorted(BACKBONES)}")
+        if v not in BACKBONES and not is_timm_model(v):
+            raise ValueError(
+                f"unknown backbone {v!r}; choose one of {sorted(BACKBONES)} or a timm model name"
+            )
         return v
 
 

@@ -131,18 +131,26 @@ def check_image_format(cfg: PipelineConfig, labeled: SourceCount) -> str:
 
 
 def check_backbone(cfg: PipelineConfig) -> str:
-    """The backbone takes images of ``data.image_size`` and ``data.channels``."""
-    d, name = cfg.data, cfg.model.backbone
+    """The backbone (with ``model.weights``, if given) takes images of ``data.image_size`` and
+    ``data.channels``."""
+    d, name, weights = cfg.data, cfg.model.backbone, cfg.model.weights
+    cannot_take = f"model.backbone: {name} cannot take {d.image_size}x{d.image_size} images (data.image_size)"
     try:
-        backbone = create_backbone(name, d.channels, d.image_size).eval()
+        backbone = create_backbone(name, d.channels, d.image_size, weights).eval()
+    except (OSError, RuntimeError) as e:  # the weights file: missing, unreadable, or another model's
+        if not weights:
+            raise
+        raise ConfigError(
+            f"model.weights: cannot load {weights} into {name} ({str(e).splitlines()[0]})"
+        ) from None
+    except ValueError as e:
+        raise ConfigError(f"{cannot_take}: {e}") from None
+    try:
         with torch.no_grad():
             features = backbone(torch.zeros(1, d.channels, d.image_size, d.image_size))
     except (RuntimeError, ValueError) as e:
-        raise ConfigError(
-            f"model.backbone: {name} cannot take {d.image_size}x{d.image_size} images (data.image_size): "
-            f"{str(e).splitlines()[0]}"
-        ) from None
-    return f"backbone: {name}, {features.shape[1]} features"
+        raise ConfigError(f"{cannot_take}: {str(e).splitlines()[0]}") from None
+    return f"backbone: {name}{' from ' + weights if weights else ''}, {features.shape[1]} features"
 
 
 def _stored_bytes(folder: Path) -> int:

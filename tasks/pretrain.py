@@ -81,7 +81,7 @@ def build_encoder(cfg: PipelineConfig, mean: float, std: float) -> Encoder:
     seeded too (and every worker builds the same model).
     """
     torch.manual_seed(cfg.seed)
-    backbone = create_backbone(cfg.model.backbone, cfg.data.channels, cfg.data.image_size)
+    backbone = create_backbone(cfg.model.backbone, cfg.data.channels, cfg.data.image_size, cfg.model.weights)
     return Encoder(backbone, mean, std)
 
 

@@ -63,6 +63,7 @@ from mlflow.types.schema import Array
 from PIL import Image
 
 import ssl_models
+from ssl_models.backbones import BACKBONES
 from ssl_models.classifier import ClassifierSpec, ImageClassifier
 
 WEIGHTS_FILE = "classifier.pt"
@@ -112,9 +113,12 @@ class ImageClassifierModel(PythonModel):
 set_model(ImageClassifierModel())
 
 
-def pip_requirements() -> list[str]:
-    """The serving environment, pinned to this one's versions (no inference by loading the model)."""
-    packages = ("mlflow", "torch", "torchvision", "numpy", "pillow", "pandas")
+def pip_requirements(spec: ClassifierSpec) -> list[str]:
+    """The serving environment, pinned to this one's versions (no inference by loading the model);
+    timm for a timm backbone."""
+    packages = ["mlflow", "torch", "torchvision", "numpy", "pillow", "pandas"]
+    if spec.backbone not in BACKBONES:
+        packages.append("timm")
     return [f"{name}=={version(name).split('+')[0]}" for name in packages]
 
 
@@ -153,7 +157,7 @@ def log_image_classifier(
             artifacts={"weights": str(weights), "spec": str(spec_path)},
             signature=SIGNATURE,
             input_example=np.array([_example_png(spec)], dtype=object),
-            pip_requirements=pip_requirements(),
+            pip_requirements=pip_requirements(spec),
             metadata={"classifier": spec.to_dict()},
         )
     return info.model_uri

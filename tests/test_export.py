@@ -27,7 +27,7 @@ def images(fashion_mnist_dir: Path) -> torch.Tensor:
     return load_fashion_mnist(fashion_mnist_dir)[1].images[:16].float() / 255
 
 
-@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18"])
+@pytest.mark.parametrize("backbone", ["small_cnn", "resnet18", "mobilenetv3_small_050"])  # the last: timm
 def test_onnx_and_torchscript_outputs_equal_pytorchs(
     backbone: str, images: torch.Tensor, tmp_path: Path
 ) -> None:
@@ -87,3 +87,20 @@ def test_the_encoders_state_dict_loads_into_the_torchvision_architecture_it_name
     with torch.no_grad():
         torch.testing.assert_close(model.eval()(normalised), vit[0](images))
     assert (tmp_path / "vit" / "classifier.pt").exists()
+
+
+def test_a_timm_encoders_state_dict_round_trips_into_timm(images: torch.Tensor, tmp_path: Path) -> None:
+    import timm
+
+    model = classifier("mobilenetv3_small_050")
+    export_classifier(model, tmp_path, "state-dict")
+    assert (
+        "timm.create_model('mobilenetv3_small_050', num_classes=0, in_chans=1)"
+        in (tmp_path / "README.md").read_text()
+    )
+    rebuilt = timm.create_model("mobilenetv3_small_050", num_classes=0, in_chans=1)
+    rebuilt.load_state_dict(torch.load(tmp_path / "encoder_state_dict.pt", weights_only=True))
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            rebuilt.eval()((images - 0.286) / 0.353).numpy(), model[0](images).numpy(), atol=1e-4, rtol=0
+        )

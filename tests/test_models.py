@@ -6,6 +6,8 @@ import torch
 from ssl_models import BACKBONES, METHODS, create_backbone, create_method
 from ssl_models.augment import AugmentParams, to_float
 from ssl_models.train import TrainSettings, pretrain
+from tasks.config import load_config
+from tests.conftest import REPO
 from tests.method_fixtures import small_encoder, small_method
 
 # On a fixed batch, DINO's centre and teacher-temperature warmup move the target on purpose
@@ -28,6 +30,37 @@ def test_resnet_gets_small_image_stem_only_for_small_images() -> None:
     large = create_backbone("resnet18", 3, 224)
     assert small.net.conv1.stride == (1, 1) and isinstance(small.net.maxpool, torch.nn.Identity)
     assert large.net.conv1.stride == (2, 2) and isinstance(large.net.maxpool, torch.nn.MaxPool2d)
+
+
+TIMM_MODEL = "mobilenetv3_small_050"  # a small timm network: any timm name works the same way
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_timm_model_by_name_is_a_backbone(channels: int) -> None:
+    backbone = create_backbone(TIMM_MODEL, channels, 28).eval()
+    with torch.no_grad():
+        out = backbone(torch.rand(2, channels, 28, 28))
+    assert out.shape == (2, backbone.num_features)
+    assert (
+        load_config(REPO / "params.yaml", overrides=[f"model.backbone={TIMM_MODEL}"]).model.backbone
+        == TIMM_MODEL
+    )
+
+
+def test_a_timm_backbone_starts_from_a_local_weights_file_adapting_its_first_layer(tmp_path) -> None:
+    """A checkpoint of the 3-channel model with its 1,000-class head (as ImageNet weights come): the
+    head is dropped, the stem summed to one channel (timm's adapt_input_conv), the rest loaded."""
+    import timm
+
+    torch.manual_seed(0)
+    imagenet = timm.create_model(TIMM_MODEL, num_classes=1000, in_chans=3)
+    torch.save(imagenet.state_dict(), tmp_path / "weights.pth")
+    backbone = create_backbone(TIMM_MODEL, 1, 28, weights=str(tmp_path / "weights.pth"))
+    loaded, original = backbone.net.state_dict(), imagenet.state_dict()
+    stem = "conv_stem.weight"
+    torch.testing.assert_close(loaded[stem], original[stem].sum(dim=1, keepdim=True))
+    assert all(torch.equal(loaded[k], original[k]) for k in loaded if k != stem)
+    assert "classifier.weight" in original and "classifier.weight" not in loaded
 
 
 def test_unknown_backbone_and_method_are_named() -> None:

@@ -17,7 +17,6 @@ from rich.table import Table
 from flows.data_cli import data_app
 from flows.options import ConfigPath, Overrides, Profile, load
 from flows.stack_cli import stack_app
-from tasks import cluster
 from tasks.config import ConfigError, EvaluateConfig, PipelineConfig, config_file
 from tasks.evaluate import PROTOCOLS, LabelBudget, PairedGain
 
@@ -43,11 +42,16 @@ def _load(config: Path | None, profile: str, overrides: list[str] | None) -> Pip
     return load(config, profile, overrides, console)
 
 
-def _require_reachable(cfg: PipelineConfig, command: str) -> None:
+def _checked(cfg: PipelineConfig, command: str) -> list[str]:
+    """The checks before work (``tasks.preflight``): what they found, or one sentence and the exit code."""
+    from tasks.preflight import preflight
+
     try:
-        cluster.require_reachable(cfg)
-    except ConnectionError as e:
-        console.print(f"[red]ssl-pipeline {command} failed:[/red] {e}", highlight=False, soft_wrap=True)
+        return preflight(cfg)
+    except Exception as e:
+        console.print(
+            f"[red]ssl-pipeline {command}: check failed:[/red] {e}", highlight=False, soft_wrap=True
+        )
         raise typer.Exit(exit_code(e)) from None
 
 
@@ -169,13 +173,7 @@ def run(
     """
     cfg = _load(config, profile, overrides)
     start = time.perf_counter()
-    from tasks.preflight import preflight
-
-    try:
-        checked = preflight(cfg)  # before Prefect, the data step or the cluster start
-    except Exception as e:
-        console.print(f"[red]ssl-pipeline run: check failed:[/red] {e}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exit_code(e)) from None
+    checked = _checked(cfg, "run")  # before Prefect, the data step or the cluster start
     if check:
         console.print("\n".join(f"ok  {line}" for line in checked), highlight=False, soft_wrap=True)
         console.print(f"Checks passed in {time.perf_counter() - start:.1f} s.", highlight=False)
@@ -261,10 +259,10 @@ def sweep(
 ) -> None:
     """Ray Tune sweep of the label-efficiency protocols on a pretraining run's encoder."""
     cfg = _load(config, profile, overrides)
+    _checked(cfg, "sweep")
     prepare_environment(cfg)
     from flows.pipeline import ssl_sweep
 
-    _require_reachable(cfg, "sweep")  # before any work: Prefect, MLflow
     result = _flow_result(cfg, "sweep", lambda: ssl_sweep(cfg, pretrain_run))
     print_sweep(cfg, result.sweep)
     console.print(f"MLflow sweep run {result.run_id}; model {result.model_uri}.", highlight=False)
@@ -281,10 +279,10 @@ def pretrain(
     Run again with the same data and config to resume from the latest checkpoint.
     """
     cfg = _load(config, profile, overrides)
+    _checked(cfg, "pretrain")
     prepare_environment(cfg)
     from flows.pipeline import ssl_pretraining
 
-    _require_reachable(cfg, "pretrain")  # before any work: Prefect, data, MLflow
     result = _flow_result(cfg, "pretrain", lambda: ssl_pretraining(cfg))
     out = result.pretrain
     table = Table(

@@ -335,10 +335,13 @@ def test_corrupt_new_data_stops_the_run_naming_the_file_and_keeps_what_is_stored
     smoke: SmokeRun, tmp_path: Path, fashion_mnist_dir: Path
 ) -> None:
     """One sentence naming the file; what the registry and the workspace already hold is untouched."""
-    images = load_fashion_mnist(fashion_mnist_dir)[0].images
+    train, test = load_fashion_mnist(fashion_mnist_dir)
     for i, split in enumerate(20 * ["unlabeled", "labeled/a", "labeled/b", "test/a", "test/b"]):
+        # Images the stored datasets do not hold on the other side: test images past the smoke
+        # run's 500 for the new test set, training images for the rest.
+        pixels = test.images[5000 + i, 0] if split.startswith("test") else train.images[i, 0]
         (tmp_path / "new" / split).mkdir(parents=True, exist_ok=True)
-        Image.fromarray(images[i, 0].numpy()).save(tmp_path / "new" / split / f"{i}.png")
+        Image.fromarray(pixels.numpy()).save(tmp_path / "new" / split / f"{i}.png")
     (tmp_path / "new" / "test" / "a" / "scan-0001.png").write_bytes(b"\x89PNG\r\n\x1a\n cut short")
     data = smoke.workspace / "dvc-repo" / "data"
     stored = {p: p.read_bytes() for p in sorted(data.rglob("*")) if p.is_file()}

@@ -9,7 +9,6 @@ the ingested datasets again (duplicates and refused images can lower the counts)
 
 from __future__ import annotations
 
-import io
 import os
 import shutil
 import socket
@@ -19,7 +18,6 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import torch
-from PIL import Image
 
 from ssl_models.backbones import create_backbone
 from ssl_models.data import DataError
@@ -27,7 +25,7 @@ from tasks import cluster
 from tasks.config import ConfigError, PipelineConfig
 from tasks.data import DATASETS, data_root, dataset_folders, source_of
 from tasks.evaluate import label_splits
-from tasks.sources import SourceItem
+from tasks.sources import SourceItem, image_format
 
 SPACE_FACTOR = 2  # a dataset folder (about the source's bytes) and DVC's cache copy of it
 
@@ -116,14 +114,9 @@ def check_image_format(cfg: PipelineConfig, labeled: SourceCount) -> str:
     """The first labeled image's format beside what training makes of it."""
     item = labeled.first
     assert item is not None  # count_source refuses an empty source
-    s3_client = None
-    if item.name.startswith("s3://"):
-        from tasks.s3 import shared_client
-
-        s3_client = shared_client(cfg.data.source_endpoint_url)
     try:
-        with Image.open(io.BytesIO(item.read(s3_client))) as image:
-            seen = f"{image.size[0]}x{image.size[1]} {image.mode}"
+        mode, width, height = image_format(item, cfg.data.source_endpoint_url)
+        seen = f"{width}x{height} {mode}"
     except (OSError, ValueError) as e:
         raise DataError(f"{item.name}: cannot open the first labeled image ({e})") from None
     d = cfg.data

@@ -7,7 +7,6 @@ after the project's folder. Without source options the project trains on Fashion
 
 from __future__ import annotations
 
-import io
 import json
 import re
 import shutil
@@ -16,12 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
-
 from ssl_models.data import DataError
 from tasks import versioning
 from tasks.config import BUILT_IN_PARAMS, load_config
-from tasks.sources import source_items
+from tasks.sources import image_format, source_items
 
 GITIGNORE = ("workspace/", ".venv/", "__pycache__/")
 MAX_DETECTED_SIZE = 224  # image_size from the data: the smaller side of an image, at most this
@@ -66,13 +63,7 @@ def detect_image_format(sources: Sources) -> tuple[int, int, str]:
     item = next(items, None)
     if item is None:
         raise DataError(f"--labeled {sources.labeled}: no images")
-    s3_client = None
-    if item.name.startswith("s3://"):
-        from tasks.s3 import shared_client
-
-        s3_client = shared_client(sources.endpoint_url)
-    with Image.open(io.BytesIO(item.read(s3_client))) as image:
-        mode, (width, height) = image.mode, image.size
+    mode, width, height = image_format(item, sources.endpoint_url)
     channels = 1 if mode in ("1", "L", "LA", "I", "I;16", "F") else 3
     size = min(width, height, MAX_DETECTED_SIZE)
     return channels, size, f"{item.name}: {width}x{height} {mode}"

@@ -52,6 +52,19 @@ class SourceItem:
         return Path(self.name).read_bytes()
 
 
+def image_format(item: SourceItem, endpoint_url: str | None = None) -> tuple[str, int, int]:
+    """(PIL mode, width, height) of one image of a source, read from its header."""
+    from PIL import Image
+
+    s3_client = None
+    if item.name.startswith("s3://"):
+        from tasks.s3 import shared_client
+
+        s3_client = shared_client(endpoint_url)
+    with Image.open(io.BytesIO(item.read(s3_client))) as image:
+        return image.mode, image.size[0], image.size[1]
+
+
 def class_folder(name: str) -> str:
     """A class name as one folder name: Fashion-MNIST's "T-shirt/top" becomes "T-shirt_top"."""
     return name.replace("/", "_").replace("\\", "_").lstrip(".") or "_"
